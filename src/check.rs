@@ -1,0 +1,139 @@
+//! `chbridge check`: validates the configuration against the real servers and
+//! says, column by column, how each target table will be filled.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::Config;
+use crate::schema::{Fill, TableSchema};
+use crate::sink;
+
+/// The report to print, and whether everything is usable.
+pub struct Report {
+    pub text: String,
+    pub problems: Vec<String>,
+}
+
+pub async fn check(config: &Config) -> Report {
+    let mut text = String::new();
+    let mut problems = Vec::new();
+
+    // Kafka: reachable, and every topic exists.
+    let kafka = crate::kafka::client_config(&config.kafka);
+    match kafka.create::<BaseConsumer>() {
+        Err(e) => problems.push(format!("kafka: cannot create a client: {e}")),
+        Ok(consumer) => {
+            let topics = config.topics();
+            let found = tokio::task::spawn_blocking(move || {
+                topics
+                    .into_iter()
+                    .map(|t| {
+                        let r = consumer
+                            .fetch_metadata(Some(&t), Duration::from_secs(10))
+                            .map(|m| {
+                                m.topics()
+                                    .first()
+                                    .map(|mt| (mt.partitions().len(), mt.error().is_some()))
+                            });
+                        (t, r)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            match found {
+                Err(e) => problems.push(format!("kafka: metadata lookup failed: {e}")),
+                Ok(list) => {
+                    let _ = writeln!(text, "kafka: {}", config.kafka.brokers);
+                    for (topic, r) in list {
+                        match r {
+                            Ok(Some((n, false))) if n > 0 => {
+                                let _ = writeln!(text, "  topic {topic}: {n} partitions");
+                            }
+                            Ok(_) => problems.push(format!(
+                                "kafka: topic {topic} does not exist on {}: create it (with the \
+                                 partition count you want to scale to) or fix the route's `topics`",
+                                config.kafka.brokers
+                            )),
+                            Err(e) => problems.push(format!(
+                                "kafka: cannot reach {} to look up topic {topic}: {e}",
+                                config.kafka.brokers
+                            )),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ClickHouse: reachable, every table exists and can be filled.
+    let client = sink::client(&config.clickhouse);
+    match client.query("SELECT version()").fetch_one::<String>().await {
+        Err(e) => problems.push(format!(
+            "clickhouse: cannot query {} as user {}: {}",
+            config.clickhouse.url,
+            config.clickhouse.user,
+            sink::errors::classify(&e).message
+        )),
+        Ok(version) => {
+            let _ = writeln!(
+                text,
+                "clickhouse: {} (version {version}), user {}",
+                config.clickhouse.url, config.clickhouse.user
+            );
+            for i in 0..config.routes.len() {
+                let (db, t) = config.route_table(i);
+                let r = &config.routes[i];
+                let _ = writeln!(
+                    text,
+                    "route {i}: {:?} -> {db}.{t} (format {:?}, unknown_fields {:?}, on_error {:?})",
+                    r.topics, r.format, r.unknown_fields, r.on_error
+                );
+                match crate::schema::load_table(&client, &db, &t).await {
+                    Err(e) => problems.push(format!("routes[{i}]: {e}")),
+                    Ok(schema) => {
+                        describe_columns(&schema, &mut text);
+                        problems.extend(schema.problems());
+                    }
+                }
+            }
+        }
+    }
+    Report { text, problems }
+}
+
+fn describe_columns(schema: &TableSchema, out: &mut String) {
+    let width = schema
+        .columns
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(0);
+    let twidth = schema
+        .columns
+        .iter()
+        .map(|c| c.type_text.len())
+        .max()
+        .unwrap_or(0);
+    for c in &schema.columns {
+        let how = match c.fill() {
+            Fill::Field => {
+                let dflt = if c.default_expression.is_empty() {
+                    if c.ty.is_nullable() {
+                        "NULL".to_string()
+                    } else {
+                        "type default".to_string()
+                    }
+                } else {
+                    c.default_expression.clone()
+                };
+                format!("<- field \"{}\" (missing: {dflt})", c.name)
+            }
+            Fill::Computed => "computed by ClickHouse, not sent".to_string(),
+            Fill::DefaultOnly(why) => format!("always DEFAULT {} ({why})", c.default_expression),
+            Fill::Unfillable(why) => format!("CANNOT BE FILLED: {why}"),
+        };
+        let _ = writeln!(out, "  {:width$}  {:twidth$}  {how}", c.name, c.type_text);
+    }
+}

@@ -1,0 +1,637 @@
+//! The configuration file (TOML), its defaults, environment overrides and validation.
+//!
+//! The `///` comments on the fields are the user documentation: docs/configuration.md
+//! repeats them. Every default is a named function so that the docs and the code agree.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::decode::{Format, UnknownFields};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub clickhouse: ClickHouseConfig,
+    /// One or more routes: which topics feed which table.
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub commit: CommitConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Upper bound on encoded rows held in memory (open batches plus batches
+    /// being inserted). Above it consumption pauses until inserts catch up.
+    /// Default: "64MiB".
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: ByteSize,
+    /// How long shutdown (SIGTERM/SIGINT) and partition revocation may take to
+    /// flush batches and commit before giving up. Default: "30s".
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port`. Env: `CHBRIDGE_KAFKA_BROKERS`.
+    pub brokers: String,
+    /// Consumer group id. Env: `CHBRIDGE_KAFKA_GROUP_ID`.
+    pub group_id: String,
+    /// Static membership id (`group.instance.id`), e.g. the pod name, so that a
+    /// restarted replica gets its partitions back without a rebalance. Default:
+    /// none. Env: `CHBRIDGE_KAFKA_INSTANCE_ID`.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// Where a group with no committed offset starts: "earliest" (default) or "latest".
+    #[serde(default = "default_offset_reset")]
+    pub auto_offset_reset: OffsetReset,
+    /// librdkafka properties passed through as they are (e.g.
+    /// `"security.protocol" = "SASL_SSL"`). Properties that the delivery
+    /// guarantee depends on are refused. `sasl.password` can come from
+    /// `CHBRIDGE_KAFKA_SASL_PASSWORD`.
+    #[serde(default)]
+    pub properties: Properties,
+}
+
+/// librdkafka properties; `Debug` hides the values of secret-looking keys.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Properties(pub BTreeMap<String, String>);
+
+impl Properties {
+    /// True for keys whose values must never be shown (passwords, keys, tokens).
+    pub fn is_secret(key: &str) -> bool {
+        ["password", "secret", "key", "token", "jaas"]
+            .iter()
+            .any(|w| key.contains(w))
+    }
+}
+
+impl std::ops::Deref for Properties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                (
+                    k,
+                    if Properties::is_secret(k) {
+                        "***"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            }))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// HTTP(S) endpoint. Env: `CHBRIDGE_CLICKHOUSE_URL`. Default: "http://127.0.0.1:8123".
+    #[serde(default = "default_ch_url")]
+    pub url: String,
+    /// Database of routes whose `table` has no `db.` prefix. Default: "default".
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// Default: "default". Env: `CHBRIDGE_CLICKHOUSE_USER`.
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// Default: empty. Env: `CHBRIDGE_CLICKHOUSE_PASSWORD` (prefer it to the file).
+    #[serde(default)]
+    pub password: Secret,
+    /// LZ4-compress insert bodies. Default: true.
+    #[serde(default = "default_true")]
+    pub compression: bool,
+    /// Time an insert may take, from the first byte sent to ClickHouse's reply,
+    /// before it is abandoned and retried. Default: "60s".
+    #[serde(default = "default_insert_timeout", with = "humantime_serde")]
+    pub insert_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Topics whose records go to `table`.
+    pub topics: Vec<String>,
+    /// Target table, `name` or `database.name`.
+    pub table: String,
+    /// Input format of the records. Default: "json".
+    #[serde(default)]
+    pub format: Format,
+    /// Fields that match no column: "ignore" (default) or "error".
+    #[serde(default)]
+    pub unknown_fields: UnknownFields,
+    /// A record that cannot be decoded or converted: "skip" (log it, count it
+    /// in `chbridge_records_failed_total`, go on) or "stop" (default: stop the
+    /// bridge without committing past it).
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    Skip,
+    #[default]
+    Stop,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Flush a table's batch at this many rows. Default: 100000.
+    #[serde(default = "default_max_rows")]
+    pub max_rows: usize,
+    /// Flush a table's batch at this many encoded bytes. Default: "16MiB".
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Flush a table's batch this long after its first row. Default: "1s".
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitConfig {
+    /// How often acknowledged offsets are committed (asynchronously). Commits on
+    /// revocation and shutdown are synchronous whatever this says. Default: "1s".
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// First backoff after a transient insert failure. Default: "200ms".
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Backoff cap; the backoff doubles up to it, with jitter. Default: "30s".
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Give up (and stop the bridge) after this many attempts of one batch;
+    /// 0 retries forever. Default: 0.
+    #[serde(default)]
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`. Default: "0.0.0.0:9187".
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// "text" (default) or "json".
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as "info" or "chbridge=debug,librdkafka=warn".
+    /// `RUST_LOG` overrides it. Default: "info".
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A string that never appears in logs, errors or `Debug` output.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+fn default_max_buffered_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_offset_reset() -> OffsetReset {
+    OffsetReset::Earliest
+}
+fn default_ch_url() -> String {
+    "http://127.0.0.1:8123".into()
+}
+fn default_database() -> String {
+    "default".into()
+}
+fn default_user() -> String {
+    "default".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_insert_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_rows() -> usize {
+    100_000
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize::mib(16)
+}
+fn default_max_wait() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9187))
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_rows: default_max_rows(),
+            max_bytes: default_max_bytes(),
+            max_wait: default_max_wait(),
+        }
+    }
+}
+impl Default for CommitConfig {
+    fn default() -> Self {
+        CommitConfig {
+            interval: default_commit_interval(),
+        }
+    }
+}
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            max_attempts: 0,
+        }
+    }
+}
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
+}
+
+/// librdkafka properties that chbridge sets itself because the delivery
+/// guarantee depends on them.
+pub const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "chbridge commits offsets itself, only after ClickHouse acknowledged the rows",
+    ),
+    (
+        "enable.auto.offset.store",
+        "chbridge stores offsets itself, only after ClickHouse acknowledged the rows",
+    ),
+    ("group.id", "set `kafka.group_id` instead"),
+    ("bootstrap.servers", "set `kafka.brokers` instead"),
+    ("group.instance.id", "set `kafka.instance_id` instead"),
+    ("auto.offset.reset", "set `kafka.auto_offset_reset` instead"),
+    ("enable.partition.eof", "chbridge relies on it being off"),
+];
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads, applies environment overrides, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })?;
+        config.apply_env(|k| std::env::var(k).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML; the message names the line and the key, as the toml crate reports them.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Overrides secrets and per-pod values from the environment.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = get("CHBRIDGE_KAFKA_BROKERS") {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = get("CHBRIDGE_KAFKA_GROUP_ID") {
+            self.kafka.group_id = v;
+        }
+        if let Some(v) = get("CHBRIDGE_KAFKA_INSTANCE_ID") {
+            self.kafka.instance_id = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("CHBRIDGE_KAFKA_SASL_PASSWORD") {
+            self.kafka.properties.0.insert("sasl.password".into(), v);
+        }
+        if let Some(v) = get("CHBRIDGE_CLICKHOUSE_URL") {
+            self.clickhouse.url = v;
+        }
+        if let Some(v) = get("CHBRIDGE_CLICKHOUSE_USER") {
+            self.clickhouse.user = v;
+        }
+        if let Some(v) = get("CHBRIDGE_CLICKHOUSE_PASSWORD") {
+            self.clickhouse.password = Secret(v);
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must name at least one broker"));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        for key in self.kafka.properties.keys() {
+            if let Some((_, why)) = MANAGED_KAFKA_PROPERTIES.iter().find(|(k, _)| k == key) {
+                return Err(invalid(
+                    format!("kafka.properties.\"{key}\""),
+                    format!("is managed by chbridge: {why}; remove it"),
+                ));
+            }
+        }
+        if !(self.clickhouse.url.starts_with("http://")
+            || self.clickhouse.url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "clickhouse.url",
+                format!(
+                    "{:?} must start with http:// or https://",
+                    self.clickhouse.url
+                ),
+            ));
+        }
+        if self.clickhouse.url.starts_with("https://") {
+            return Err(invalid(
+                "clickhouse.url",
+                "https is not built into this binary yet; use http, or terminate TLS in a sidecar",
+            ));
+        }
+        if self.routes.is_empty() {
+            return Err(invalid(
+                "routes",
+                "at least one [[routes]] entry is required",
+            ));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.topics.is_empty() || r.topics.iter().any(|t| t.trim().is_empty()) {
+                return Err(invalid(
+                    format!("routes[{i}].topics"),
+                    "must list at least one non-empty topic",
+                ));
+            }
+            if r.table.trim().is_empty() || r.table.split('.').count() > 2 {
+                return Err(invalid(
+                    format!("routes[{i}].table"),
+                    format!("{:?} must be `table` or `database.table`", r.table),
+                ));
+            }
+        }
+        if self.batch.max_rows == 0 {
+            return Err(invalid("batch.max_rows", "must be at least 1"));
+        }
+        if self.batch.max_bytes.as_u64() == 0 {
+            return Err(invalid("batch.max_bytes", "must be more than 0"));
+        }
+        if self.batch.max_wait.is_zero() {
+            return Err(invalid("batch.max_wait", "must be more than 0"));
+        }
+        if self.max_buffered_bytes.as_u64() < self.batch.max_bytes.as_u64() {
+            return Err(invalid(
+                "max_buffered_bytes",
+                format!(
+                    "{} is less than batch.max_bytes ({}): no batch could ever fill",
+                    self.max_buffered_bytes, self.batch.max_bytes
+                ),
+            ));
+        }
+        if self.commit.interval.is_zero() {
+            return Err(invalid("commit.interval", "must be more than 0"));
+        }
+        if self.retry.initial_backoff.is_zero()
+            || self.retry.max_backoff < self.retry.initial_backoff
+        {
+            return Err(invalid(
+                "retry.max_backoff",
+                "must be at least retry.initial_backoff, which must be more than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Target table of route `i` as (database, table).
+    pub fn route_table(&self, i: usize) -> (String, String) {
+        let t = &self.routes[i].table;
+        match t.split_once('.') {
+            Some((db, name)) => (db.to_string(), name.to_string()),
+            None => (self.clickhouse.database.clone(), t.clone()),
+        }
+    }
+
+    /// Every topic of every route, once, in order of appearance.
+    pub fn topics(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in &self.routes {
+            for t in &r.topics {
+                if !out.contains(t) {
+                    out.push(t.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "g"
+
+[clickhouse]
+
+[[routes]]
+topics = ["events"]
+table = "analytics.events"
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.batch.max_rows, 100_000);
+        assert_eq!(c.batch.max_wait, Duration::from_secs(1));
+        assert_eq!(c.clickhouse.url, "http://127.0.0.1:8123");
+        assert_eq!(c.routes[0].on_error, OnError::Stop);
+        assert_eq!(c.route_table(0), ("analytics".into(), "events".into()));
+        assert_eq!(c.http.listen.port(), 9187);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let e = Config::parse(&format!("{MINIMAL}\n[batch]\nmax_row = 5\n")).unwrap_err();
+        assert!(e.contains("max_row"), "{e}");
+    }
+
+    #[test]
+    fn human_units_parse() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[batch]\nmax_bytes = \"8MiB\"\nmax_wait = \"250ms\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.batch.max_bytes, ByteSize::mib(8));
+        assert_eq!(c.batch.max_wait, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn managed_kafka_properties_are_refused() {
+        let c = Config::parse(&MINIMAL.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nproperties = { \"enable.auto.commit\" = \"true\" }",
+        ))
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("enable.auto.commit"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_secrets_and_pod_values_and_debug_hides_them() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.apply_env(|k| match k {
+            "CHBRIDGE_CLICKHOUSE_PASSWORD" => Some("hunter2".into()),
+            "CHBRIDGE_KAFKA_INSTANCE_ID" => Some("pod-0".into()),
+            "CHBRIDGE_KAFKA_SASL_PASSWORD" => Some("sasl-pw".into()),
+            _ => None,
+        });
+        assert_eq!(c.clickhouse.password.expose(), "hunter2");
+        assert_eq!(c.kafka.instance_id.as_deref(), Some("pod-0"));
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("sasl-pw"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn validation_names_the_bad_key() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.routes[0].table = "a.b.c".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("routes[0].table"));
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.max_buffered_bytes = ByteSize::mib(1);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_buffered_bytes"));
+    }
+}

@@ -1,0 +1,588 @@
+//! JSON input: one object per message, top-level fields matched to columns by name.
+//!
+//! Values are converted while parsing (a serde `DeserializeSeed` per column
+//! type writes RowBinary bytes straight into a scratch buffer), so a record is
+//! parsed once and no intermediate tree is built. The row is assembled in
+//! column order only when the whole record converted, so a bad record leaves
+//! nothing behind.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::{Decoder, RecordError, RecordErrorKind, UnknownFields};
+use crate::schema::encode::{self, ConvertError};
+use crate::schema::{ColumnType, Fill, TableSchema};
+
+pub struct JsonDecoder {
+    types: Vec<ColumnType>,
+    names: Vec<String>,
+    /// Field name -> position among the inserted columns. Columns that the
+    /// record cannot fill (DEFAULT-only) are absent: they always take their default.
+    index: HashMap<String, usize>,
+    unknown: UnknownFields,
+    scratch: Vec<u8>,
+    slots: Vec<Slot>,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    /// No field: the column's DEFAULT applies.
+    Missing,
+    /// Encoded bytes in the scratch buffer.
+    Value(usize, usize),
+}
+
+impl JsonDecoder {
+    pub fn new(table: &TableSchema, unknown: UnknownFields) -> JsonDecoder {
+        let mut types = Vec::new();
+        let mut names = Vec::new();
+        let mut index = HashMap::new();
+        for (i, c) in table.insert_columns().enumerate() {
+            if c.fill() == Fill::Field {
+                index.insert(c.name.clone(), i);
+            }
+            types.push(c.ty.clone());
+            names.push(c.name.clone());
+        }
+        JsonDecoder {
+            slots: vec![Slot::Missing; types.len()],
+            types,
+            names,
+            index,
+            unknown,
+            scratch: Vec::with_capacity(1024),
+        }
+    }
+}
+
+impl Decoder for JsonDecoder {
+    fn decode(&mut self, value: Option<&[u8]>, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let value = match value {
+            Some(v) if !v.iter().all(u8::is_ascii_whitespace) => v,
+            _ => {
+                return Err(RecordError {
+                    kind: RecordErrorKind::Empty,
+                    column: None,
+                    message: "the message has no value; expected a JSON object".into(),
+                })
+            }
+        };
+        self.scratch.clear();
+        self.slots.fill(Slot::Missing);
+        let mut current = None;
+        let mut de = serde_json::Deserializer::from_slice(value);
+        let parsed = de
+            .deserialize_map(RowVisitor {
+                types: &self.types,
+                index: &self.index,
+                unknown: self.unknown,
+                scratch: &mut self.scratch,
+                slots: &mut self.slots,
+                current: &mut current,
+            })
+            .and_then(|()| de.end());
+        if let Err(e) = parsed {
+            let kind = match e.classify() {
+                serde_json::error::Category::Data if current.is_some() => {
+                    RecordErrorKind::Conversion
+                }
+                serde_json::error::Category::Data if e.to_string().starts_with(UNKNOWN) => {
+                    RecordErrorKind::UnknownField
+                }
+                _ => RecordErrorKind::Malformed,
+            };
+            return Err(RecordError {
+                kind,
+                column: current.map(|i| self.names[i].clone()),
+                message: e.to_string(),
+            });
+        }
+        out.reserve(self.scratch.len() + self.slots.len());
+        for slot in &self.slots {
+            match *slot {
+                Slot::Missing => out.push(1),
+                Slot::Value(start, end) => {
+                    out.push(0);
+                    out.extend_from_slice(&self.scratch[start..end]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+const UNKNOWN: &str = "unknown field";
+
+struct RowVisitor<'a> {
+    types: &'a [ColumnType],
+    index: &'a HashMap<String, usize>,
+    unknown: UnknownFields,
+    scratch: &'a mut Vec<u8>,
+    slots: &'a mut [Slot],
+    current: &'a mut Option<usize>,
+}
+
+impl<'de> Visitor<'de> for RowVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Key(key)) = map.next_key()? {
+            match self.index.get(key.as_ref()) {
+                Some(&i) => {
+                    *self.current = Some(i);
+                    let start = self.scratch.len();
+                    let filled = map.next_value_seed(ValueSeed {
+                        ty: &self.types[i],
+                        out: self.scratch,
+                        nested: false,
+                    })?;
+                    self.slots[i] = match filled {
+                        Filled::Value => Slot::Value(start, self.scratch.len()),
+                        // null for a non-Nullable column: the column's default, as ClickHouse does.
+                        Filled::Null => Slot::Missing,
+                    };
+                    *self.current = None;
+                }
+                None if self.unknown == UnknownFields::Error => {
+                    return Err(de::Error::custom(format!(
+                        "{UNKNOWN} `{key}` matches no column (unknown_fields = \"error\")"
+                    )));
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A map key, borrowed from the input when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+enum Filled {
+    Value,
+    Null,
+}
+
+/// Converts one JSON value to the RowBinary form of `ty`.
+struct ValueSeed<'a> {
+    ty: &'a ColumnType,
+    out: &'a mut Vec<u8>,
+    /// Inside an array or map, where there is no column default: a null for a
+    /// non-Nullable type becomes the type's zero value.
+    nested: bool,
+}
+
+/// Strips the wrappers that do not change how a value is written (LowCardinality)
+/// and says whether a null flag byte comes first (Nullable).
+fn base_type(ty: &ColumnType) -> (&ColumnType, bool) {
+    match ty {
+        ColumnType::LowCardinality(t) => base_type(t),
+        ColumnType::Nullable(t) => (base_type(t).0, true),
+        t => (t, false),
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = Filled;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Filled, D::Error> {
+        let (base, nullable) = base_type(self.ty);
+        if *base == ColumnType::String {
+            // Strings keep the exact text of non-string JSON values (numbers are
+            // not re-formatted, objects stay as sent), as ClickHouse's JSON input does.
+            let raw = <&RawValue as de::Deserialize>::deserialize(d)?;
+            let text = raw.get();
+            if text == "null" {
+                return Ok(self.null(base, nullable));
+            }
+            if nullable {
+                self.out.push(0);
+            }
+            match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+                Some(inner) if !inner.contains('\\') => {
+                    encode::write_bytes(self.out, inner.as_bytes())
+                }
+                Some(_) => {
+                    let s: String = serde_json::from_str(text).map_err(de::Error::custom)?;
+                    encode::write_bytes(self.out, s.as_bytes());
+                }
+                None => encode::write_bytes(self.out, text.as_bytes()),
+            }
+            return Ok(Filled::Value);
+        }
+        d.deserialize_any(TypedVisitor {
+            ty: base,
+            nullable,
+            out: self.out,
+            nested: self.nested,
+        })
+    }
+}
+
+impl ValueSeed<'_> {
+    fn null(self, base: &ColumnType, nullable: bool) -> Filled {
+        null_value(base, nullable, self.nested, self.out)
+    }
+}
+
+fn null_value(base: &ColumnType, nullable: bool, nested: bool, out: &mut Vec<u8>) -> Filled {
+    if nullable {
+        out.push(1);
+        Filled::Value
+    } else if nested {
+        encode::write_zero(base, out);
+        Filled::Value
+    } else {
+        Filled::Null
+    }
+}
+
+struct TypedVisitor<'a> {
+    ty: &'a ColumnType,
+    nullable: bool,
+    out: &'a mut Vec<u8>,
+    nested: bool,
+}
+
+impl TypedVisitor<'_> {
+    fn begin(&mut self) {
+        if self.nullable {
+            self.out.push(0);
+        }
+    }
+
+    fn done<E: de::Error>(self, r: Result<(), ConvertError>) -> Result<Filled, E> {
+        r.map(|()| Filled::Value).map_err(E::custom)
+    }
+
+    fn wrong<E: de::Error>(&self, what: &str) -> Result<Filled, E> {
+        Err(E::custom(format!("expected {}, got {what}", self.ty)))
+    }
+
+    fn int<E: de::Error>(mut self, v: i128) -> Result<Filled, E> {
+        self.begin();
+        let r = match self.ty {
+            ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
+                encode::write_datetime_int(self.ty, v, self.out)
+            }
+            ColumnType::Date | ColumnType::Date32 => match i64::try_from(v) {
+                Ok(d) => encode::write_date_days(self.ty, d, self.out),
+                Err(_) => Err(ConvertError(format!("{v} is out of range for {}", self.ty))),
+            },
+            ColumnType::Int8
+            | ColumnType::Int16
+            | ColumnType::Int32
+            | ColumnType::Int64
+            | ColumnType::UInt8
+            | ColumnType::UInt16
+            | ColumnType::UInt32
+            | ColumnType::UInt64
+            | ColumnType::Float32
+            | ColumnType::Float64
+            | ColumnType::Bool => encode::write_int(self.ty, v, self.out),
+            _ => return self.wrong(&format!("the number {v}")),
+        };
+        self.done(r)
+    }
+}
+
+impl<'de> Visitor<'de> for TypedVisitor<'_> {
+    type Value = Filled;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a value of type {}", self.ty)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Filled, E> {
+        Ok(null_value(self.ty, self.nullable, self.nested, self.out))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Filled, E> {
+        self.visit_unit()
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Filled, E> {
+        match self.ty {
+            ColumnType::Bool
+            | ColumnType::Int8
+            | ColumnType::Int16
+            | ColumnType::Int32
+            | ColumnType::Int64
+            | ColumnType::UInt8
+            | ColumnType::UInt16
+            | ColumnType::UInt32
+            | ColumnType::UInt64 => self.int(i128::from(v)),
+            _ => self.wrong(&format!("the boolean {v}")),
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Filled, E> {
+        self.int(i128::from(v))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Filled, E> {
+        self.int(i128::from(v))
+    }
+
+    fn visit_f64<E: de::Error>(mut self, v: f64) -> Result<Filled, E> {
+        self.begin();
+        let r = match self.ty {
+            ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
+                encode::write_datetime_secs(self.ty, v, self.out)
+            }
+            ColumnType::Int8
+            | ColumnType::Int16
+            | ColumnType::Int32
+            | ColumnType::Int64
+            | ColumnType::UInt8
+            | ColumnType::UInt16
+            | ColumnType::UInt32
+            | ColumnType::UInt64
+            | ColumnType::Float32
+            | ColumnType::Float64 => encode::write_float(self.ty, v, self.out),
+            _ => return self.wrong(&format!("the number {v}")),
+        };
+        self.done(r)
+    }
+
+    fn visit_str<E: de::Error>(mut self, v: &str) -> Result<Filled, E> {
+        self.begin();
+        let r = match self.ty {
+            ColumnType::String => {
+                encode::write_bytes(self.out, v.as_bytes());
+                Ok(())
+            }
+            ColumnType::FixedString(n) => encode::write_fixed_string(*n, v.as_bytes(), self.out),
+            ColumnType::Date | ColumnType::Date32 => encode::write_date_str(self.ty, v, self.out),
+            ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
+                encode::write_datetime_str(self.ty, v, self.out)
+            }
+            ColumnType::Uuid => encode::write_uuid(v, self.out),
+            ColumnType::IPv4 => encode::write_ipv4(v, self.out),
+            ColumnType::Int8
+            | ColumnType::Int16
+            | ColumnType::Int32
+            | ColumnType::Int64
+            | ColumnType::UInt8
+            | ColumnType::UInt16
+            | ColumnType::UInt32
+            | ColumnType::UInt64
+            | ColumnType::Float32
+            | ColumnType::Float64
+            | ColumnType::Bool => encode::write_numeric_str(self.ty, v, self.out),
+            _ => return self.wrong(&format!("the string {v:?}")),
+        };
+        self.done(r)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Filled, A::Error> {
+        let ColumnType::Array(elem) = self.ty else {
+            return self.wrong("an array");
+        };
+        self.begin();
+        let start = self.out.len();
+        let mut count = 0u64;
+        while seq
+            .next_element_seed(ValueSeed {
+                ty: elem,
+                out: self.out,
+                nested: true,
+            })?
+            .is_some()
+        {
+            count += 1;
+        }
+        encode::insert_len_prefix(self.out, start, count);
+        Ok(Filled::Value)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Filled, A::Error> {
+        let ColumnType::Map(key_ty, value_ty) = self.ty else {
+            return self.wrong("an object");
+        };
+        self.begin();
+        let start = self.out.len();
+        let mut count = 0u64;
+        while let Some(Key(key)) = map.next_key()? {
+            TypedVisitor {
+                ty: base_type(key_ty).0,
+                nullable: false,
+                out: self.out,
+                nested: true,
+            }
+            .visit_str::<A::Error>(&key)?;
+            map.next_value_seed(ValueSeed {
+                ty: value_ty,
+                out: self.out,
+                nested: true,
+            })?;
+            count += 1;
+        }
+        encode::insert_len_prefix(self.out, start, count);
+        Ok(Filled::Value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{Column, DefaultKind};
+
+    fn table(cols: &[(&str, &str)]) -> TableSchema {
+        TableSchema {
+            database: "db".into(),
+            table: "t".into(),
+            columns: cols
+                .iter()
+                .map(|(n, t)| Column {
+                    name: n.to_string(),
+                    ty: ColumnType::parse(t),
+                    type_text: t.to_string(),
+                    default_kind: DefaultKind::None,
+                    default_expression: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn decode(cols: &[(&str, &str)], json: &str) -> Result<Vec<u8>, RecordError> {
+        let mut d = JsonDecoder::new(&table(cols), UnknownFields::Ignore);
+        let mut out = Vec::new();
+        d.decode(Some(json.as_bytes()), &mut out).map(|()| out)
+    }
+
+    #[test]
+    fn fields_map_by_name_in_column_order() {
+        let out = decode(
+            &[("id", "UInt32"), ("name", "String")],
+            r#"{"name":"ab","extra":{"x":[1]},"id":7}"#,
+        )
+        .unwrap();
+        assert_eq!(out, [0, 7, 0, 0, 0, 0, 2, b'a', b'b']);
+    }
+
+    #[test]
+    fn missing_and_null_fields_take_the_default_and_nullable_gets_null() {
+        let out = decode(
+            &[("a", "UInt8"), ("b", "Nullable(UInt8)"), ("c", "UInt8")],
+            r#"{"a":null,"b":null}"#,
+        )
+        .unwrap();
+        assert_eq!(out, [1, 0, 1, 1]);
+    }
+
+    #[test]
+    fn strings_keep_the_exact_text_of_other_values() {
+        let out = decode(&[("s", "String")], r#"{"s":12.50}"#).unwrap();
+        assert_eq!(out, [0, 5, b'1', b'2', b'.', b'5', b'0']);
+        let out = decode(&[("s", "LowCardinality(String)")], r#"{"s":"a\"b"}"#).unwrap();
+        assert_eq!(out, [0, 3, b'a', b'"', b'b']);
+    }
+
+    #[test]
+    fn arrays_and_maps_are_length_prefixed() {
+        let out = decode(
+            &[("a", "Array(Nullable(Int8))"), ("m", "Map(String, UInt8)")],
+            r#"{"a":[1,null,-1],"m":{"k":2}}"#,
+        )
+        .unwrap();
+        assert_eq!(out, [0, 3, 0, 1, 1, 0, 0xff, 0, 1, 1, b'k', 2]);
+    }
+
+    #[test]
+    fn conversion_errors_name_the_column_and_leave_nothing() {
+        let mut d = JsonDecoder::new(
+            &table(&[("a", "UInt8"), ("b", "UInt8")]),
+            UnknownFields::Ignore,
+        );
+        let mut out = vec![42];
+        let e = d.decode(Some(br#"{"a":1,"b":300}"#), &mut out).unwrap_err();
+        assert_eq!(e.kind, RecordErrorKind::Conversion);
+        assert_eq!(e.column.as_deref(), Some("b"));
+        assert!(e.message.contains("300 is out of range for UInt8"), "{e}");
+        assert_eq!(out, [42]);
+    }
+
+    #[test]
+    fn malformed_and_empty_records_are_classified() {
+        let cols = [("a", "UInt8")];
+        assert_eq!(
+            decode(&cols, "{\"a\":").unwrap_err().kind,
+            RecordErrorKind::Malformed
+        );
+        assert_eq!(
+            decode(&cols, "[1,2]").unwrap_err().kind,
+            RecordErrorKind::Malformed
+        );
+        assert_eq!(
+            decode(&cols, "{} x").unwrap_err().kind,
+            RecordErrorKind::Malformed
+        );
+        let mut d = JsonDecoder::new(&table(&cols), UnknownFields::Ignore);
+        assert_eq!(
+            d.decode(None, &mut Vec::new()).unwrap_err().kind,
+            RecordErrorKind::Empty
+        );
+    }
+
+    #[test]
+    fn unknown_fields_can_be_errors() {
+        let mut d = JsonDecoder::new(&table(&[("a", "UInt8")]), UnknownFields::Error);
+        let e = d
+            .decode(Some(br#"{"a":1,"zz":2}"#), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(e.kind, RecordErrorKind::UnknownField);
+        assert!(e.message.contains("`zz`"), "{e}");
+    }
+
+    #[test]
+    fn typed_values_from_numbers_and_strings() {
+        let out = decode(
+            &[
+                ("d", "Date"),
+                ("t", "DateTime"),
+                ("b", "Bool"),
+                ("u", "UInt64"),
+                ("f", "Float32"),
+            ],
+            r#"{"d":"1970-01-03","t":86400,"b":true,"u":"42","f":1}"#,
+        )
+        .unwrap();
+        let mut want = vec![0, 2, 0, 0];
+        want.extend_from_slice(&86400u32.to_le_bytes());
+        want.extend_from_slice(&[0, 1, 0]);
+        want.extend_from_slice(&42u64.to_le_bytes());
+        want.push(0);
+        want.extend_from_slice(&1f32.to_le_bytes());
+        assert_eq!(out, want);
+    }
+}

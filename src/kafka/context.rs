@@ -1,0 +1,148 @@
+//! The consumer's callbacks: rebalances, commits, statistics and librdkafka's logs.
+//!
+//! librdkafka runs the rebalance callback inside `poll`, on the consumer
+//! thread. The pipeline's state lives here, behind a mutex that only that
+//! thread takes (the loop between polls, the callback during one), so that a
+//! revocation can flush, wait for acknowledgements and commit before the
+//! partitions are given away.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::TopicPartitionList;
+
+use crate::observability::{Health, Metrics};
+use crate::pipeline::core::Core;
+
+pub type Consumer = BaseConsumer<BridgeContext>;
+
+pub struct BridgeContext {
+    core: Mutex<Core>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl BridgeContext {
+    pub fn new(core: Core, metrics: Arc<Metrics>, health: Arc<Health>) -> BridgeContext {
+        BridgeContext {
+            core: Mutex::new(core),
+            metrics,
+            health,
+        }
+    }
+
+    /// The pipeline state. Never held across `poll`.
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        // A poisoned lock means a panic on the consumer thread, which has
+        // already ended the loop; the state is still what it was.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ClientContext for BridgeContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{message}")
+            }
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+
+    /// Lag per partition. The high watermark comes from fetch responses: some
+    /// Kafka-compatible brokers answer ListOffsets(LATEST) wrongly, so no
+    /// separate query is made.
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.fetch_state == "none" || p.hi_offset < 0 {
+                    continue;
+                }
+                let labels = [topic.as_str(), &partition.to_string()];
+                self.metrics
+                    .high_watermark
+                    .with_label_values(&labels)
+                    .set(p.hi_offset);
+                let base = if p.committed_offset >= 0 {
+                    p.committed_offset
+                } else {
+                    p.lo_offset.max(0)
+                };
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&labels)
+                    .set((p.hi_offset - base).max(0));
+            }
+        }
+    }
+}
+
+impl ConsumerContext for BridgeContext {
+    fn pre_rebalance(&self, consumer: &Consumer, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let lost = rdkafka::consumer::Consumer::assignment_lost(consumer);
+                self.metrics
+                    .rebalances
+                    .with_label_values(&[if lost { "lost" } else { "revoke" }])
+                    .inc();
+                self.core().on_revoke(consumer, tpl, lost);
+            }
+            Rebalance::Assign(tpl) => {
+                self.metrics.rebalances.with_label_values(&["assign"]).inc();
+                self.core().on_assign(tpl);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &Consumer, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.health.set_joined(true);
+            self.core().after_assign(consumer, tpl);
+        }
+        if let Ok(a) = rdkafka::consumer::Consumer::assignment(consumer) {
+            self.metrics.assigned_partitions.set(a.count() as i64);
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                self.metrics.commits.with_label_values(&["ok"]).inc();
+                for e in offsets.elements() {
+                    if let rdkafka::Offset::Offset(o) = e.offset() {
+                        self.metrics
+                            .committed_offset
+                            .with_label_values(&[e.topic(), &e.partition().to_string()])
+                            .set(o);
+                    }
+                }
+            }
+            // Nothing is lost: the next commit carries a position at least as high.
+            Err(e) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The Kafka side: the consumer's settings, its callbacks, and offset tracking.
+
+pub mod context;
+pub mod offsets;
+
+use rdkafka::config::ClientConfig;
+
+use crate::config::KafkaConfig;
+
+/// Builds the librdkafka configuration. User properties come first; the
+/// settings the delivery guarantee depends on are then forced (and
+/// `Config::validate` already refused user values for them).
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // Defaults a user may override.
+    c.set("client.id", "chbridge")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // librdkafka >= 2.4 idles ~1 s whenever its prefetch queue fills with
+        // the default of 1000 ms; 10 ms keeps the pipeline fed.
+        .set("fetch.queue.backoff.ms", "10")
+        // Bound librdkafka's own prefetch memory (default 64 MiB).
+        .set("queued.max.messages.kbytes", "32768")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in cfg.properties.iter() {
+        c.set(k, v);
+    }
+    // Forced: offsets move only when the pipeline says so.
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", cfg.auto_offset_reset.as_str());
+    if let Some(id) = &cfg.instance_id {
+        c.set("group.instance.id", id);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{OffsetReset, Properties};
+
+    #[test]
+    fn safety_settings_are_forced_and_user_tuning_kept() {
+        let mut props = std::collections::BTreeMap::new();
+        props.insert("fetch.queue.backoff.ms".to_string(), "50".to_string());
+        let cfg = KafkaConfig {
+            brokers: "b:9092".into(),
+            group_id: "g".into(),
+            instance_id: Some("pod-1".into()),
+            auto_offset_reset: OffsetReset::Earliest,
+            properties: Properties(props),
+        };
+        let c = client_config(&cfg);
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("group.instance.id"), Some("pod-1"));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("50"));
+        assert_eq!(
+            c.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+    }
+}

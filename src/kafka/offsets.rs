@@ -1,0 +1,235 @@
+//! Which offset of each partition may be committed.
+//!
+//! THE COMMIT RULE (see ARCHITECTURE.md): a partition's commit position is the
+//! lowest offset that is still held by a batch not yet acknowledged by
+//! ClickHouse, or, when no batch holds any of its records, one past the last
+//! record read. Every record below the position has therefore been inserted
+//! into every table it was routed to, or skipped by policy. Nothing else moves
+//! the position: only [`OffsetTracker::release`] (an acknowledgement) and
+//! [`OffsetTracker::consumed`] (a record read and placed or skipped).
+
+use std::collections::{BTreeMap, HashMap};
+
+/// A partition as the pipeline knows it: the index of its topic in the
+/// configuration's topic list, and the partition number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionKey {
+    pub topic: u32,
+    pub partition: i32,
+}
+
+/// The part of one batch that comes from one partition: its first offset.
+/// Records of a partition enter a table's batch in offset order, so the first
+/// offset is the lowest one the batch holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub key: PartitionKey,
+    /// The assignment this segment was read under: an acknowledgement that
+    /// arrives after the partition was revoked (and maybe assigned again) must
+    /// not move the new owner's position.
+    pub generation: u64,
+    pub first_offset: i64,
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    generation: u64,
+    /// One past the last offset read.
+    next: Option<i64>,
+    /// First offsets of the unacknowledged batches holding this partition's
+    /// records, with how many batches start at each (fan-out to several tables).
+    pending: BTreeMap<i64, u32>,
+    /// The last position handed out for committing.
+    committed: Option<i64>,
+}
+
+impl PartitionState {
+    fn position(&self) -> Option<i64> {
+        self.pending.keys().next().copied().or(self.next)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    parts: HashMap<PartitionKey, PartitionState>,
+    next_generation: u64,
+}
+
+impl OffsetTracker {
+    /// Starts tracking a newly assigned partition (kept as it is if already tracked).
+    pub fn assign(&mut self, key: PartitionKey) {
+        if !self.parts.contains_key(&key) {
+            self.next_generation += 1;
+            self.parts.insert(
+                key,
+                PartitionState {
+                    generation: self.next_generation,
+                    next: None,
+                    pending: BTreeMap::new(),
+                    committed: None,
+                },
+            );
+        }
+    }
+
+    /// Stops tracking a revoked partition.
+    pub fn revoke(&mut self, key: PartitionKey) {
+        self.parts.remove(&key);
+    }
+
+    /// The partition's current assignment generation (tracking starts here
+    /// if the partition was not announced by a rebalance).
+    pub fn generation(&mut self, key: PartitionKey) -> u64 {
+        self.assign(key);
+        self.parts.get(&key).map_or(0, |p| p.generation)
+    }
+
+    /// Records that every record up to `offset` was read and placed in its
+    /// batches or skipped; returns the partition's generation.
+    pub fn consumed(&mut self, key: PartitionKey, offset: i64) -> u64 {
+        let generation = self.generation(key);
+        if let Some(p) = self.parts.get_mut(&key) {
+            p.next = Some(offset + 1);
+        }
+        generation
+    }
+
+    /// Holds `offset` back until the batch that now starts holding the
+    /// partition's records is acknowledged.
+    pub fn hold(&mut self, key: PartitionKey, generation: u64, offset: i64) -> Segment {
+        if let Some(p) = self.parts.get_mut(&key) {
+            *p.pending.entry(offset).or_insert(0) += 1;
+        }
+        Segment {
+            key,
+            generation,
+            first_offset: offset,
+        }
+    }
+
+    /// A batch holding `seg` was acknowledged (or its records were dropped by
+    /// policy): its hold on the partition ends.
+    pub fn release(&mut self, seg: &Segment) {
+        let Some(p) = self.parts.get_mut(&seg.key) else {
+            return;
+        };
+        if p.generation != seg.generation {
+            return;
+        }
+        if let Some(n) = p.pending.get_mut(&seg.first_offset) {
+            *n -= 1;
+            if *n == 0 {
+                p.pending.remove(&seg.first_offset);
+            }
+        }
+    }
+
+    /// The offset that may be committed for `key` now, if any record was read.
+    pub fn position(&self, key: PartitionKey) -> Option<i64> {
+        self.parts.get(&key).and_then(PartitionState::position)
+    }
+
+    /// Number of unacknowledged batch holds on `key`.
+    pub fn held(&self, key: PartitionKey) -> usize {
+        self.parts
+            .get(&key)
+            .map(|p| p.pending.values().map(|&n| n as usize).sum())
+            .unwrap_or(0)
+    }
+
+    /// Positions to commit: those that moved since the last call, or all when `all`.
+    /// They are taken as committed; a failed commit is repeated by the next
+    /// synchronous commit, which passes `all`.
+    pub fn take_commits(&mut self, all: bool) -> Vec<(PartitionKey, i64)> {
+        let mut out = Vec::new();
+        for (key, p) in &mut self.parts {
+            if let Some(pos) = p.position() {
+                if all || p.committed != Some(pos) {
+                    p.committed = Some(pos);
+                    out.push((*key, pos));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = PartitionKey> + '_ {
+        self.parts.keys().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P0: PartitionKey = PartitionKey {
+        topic: 0,
+        partition: 0,
+    };
+
+    #[test]
+    fn position_waits_for_the_lowest_unacknowledged_batch() {
+        let mut t = OffsetTracker::default();
+        t.assign(P0);
+        assert_eq!(t.position(P0), None);
+        // Offsets 10..=12 go to table A (batch a1), 11 also to table B (batch b1).
+        let g = t.consumed(P0, 10);
+        let a1 = t.hold(P0, g, 10);
+        t.consumed(P0, 11);
+        let b1 = t.hold(P0, g, 11);
+        t.consumed(P0, 12);
+        assert_eq!(t.position(P0), Some(10));
+        // B acknowledged first: A still holds 10.
+        t.release(&b1);
+        assert_eq!(t.position(P0), Some(10));
+        t.release(&a1);
+        assert_eq!(t.position(P0), Some(13));
+    }
+
+    #[test]
+    fn skipped_records_move_the_position_when_nothing_is_held() {
+        let mut t = OffsetTracker::default();
+        t.consumed(P0, 5);
+        assert_eq!(t.position(P0), Some(6));
+    }
+
+    #[test]
+    fn two_batches_starting_at_the_same_offset_both_hold_it() {
+        let mut t = OffsetTracker::default();
+        let g = t.consumed(P0, 0);
+        let a = t.hold(P0, g, 0);
+        let b = t.hold(P0, g, 0);
+        t.release(&a);
+        assert_eq!(t.position(P0), Some(0));
+        assert_eq!(t.held(P0), 1);
+        t.release(&b);
+        assert_eq!(t.position(P0), Some(1));
+    }
+
+    #[test]
+    fn acknowledgements_from_an_earlier_assignment_are_ignored() {
+        let mut t = OffsetTracker::default();
+        let g1 = t.consumed(P0, 0);
+        let old = t.hold(P0, g1, 0);
+        t.revoke(P0);
+        t.assign(P0);
+        let g2 = t.consumed(P0, 0);
+        let _new = t.hold(P0, g2, 0);
+        t.release(&old);
+        assert_eq!(
+            t.position(P0),
+            Some(0),
+            "a stale ack must not free the new hold"
+        );
+    }
+
+    #[test]
+    fn commits_are_taken_once_unless_all_are_asked() {
+        let mut t = OffsetTracker::default();
+        t.consumed(P0, 0);
+        assert_eq!(t.take_commits(false), vec![(P0, 1)]);
+        assert_eq!(t.take_commits(false), vec![]);
+        assert_eq!(t.take_commits(true), vec![(P0, 1)]);
+    }
+}

@@ -1,0 +1,159 @@
+//! The `chbridge` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use chbridge::config::Config;
+use chbridge::observability::{self, Health, Metrics};
+use chbridge::pipeline::{self, PipelineError};
+
+/// Kafka-to-ClickHouse bridge: consumes topics, inserts rows in batches, and
+/// commits offsets only after ClickHouse acknowledged every row below them.
+#[derive(Parser)]
+#[command(
+    name = "chbridge",
+    version,
+    after_help = "Examples:\n  \
+    chbridge check --config config/example.toml   # validate config, servers and tables\n  \
+    chbridge run --config config/example.toml     # run the bridge\n  \
+    CHBRIDGE_CLICKHOUSE_PASSWORD=... chbridge run --config /etc/chbridge/chbridge.toml\n\n\
+    Exit codes: 0 stopped cleanly; 1 configuration or check failed; \
+    2 stopped on an error (bad record with on_error = \"stop\", refused insert); \
+    3 stopped on request but the drain timed out (uncommitted records will be read again)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge until SIGTERM/SIGINT or a fatal error.
+    Run {
+        /// Path of the TOML configuration file.
+        #[arg(short, long, env = "CHBRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate the configuration, connect to Kafka and ClickHouse, and show
+    /// how every column of every target table will be filled.
+    Check {
+        #[arg(short, long, env = "CHBRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chbridge: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Command::Check { config } => runtime.block_on(check(&config)),
+        Command::Run { config } => runtime.block_on(run(&config)),
+    }
+}
+
+async fn check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chbridge check: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("config: {} is valid", path.display());
+    let report = chbridge::check::check(&config).await;
+    print!("{}", report.text);
+    if report.problems.is_empty() {
+        println!("check: OK");
+        ExitCode::SUCCESS
+    } else {
+        println!("check: {} problem(s):", report.problems.len());
+        for p in &report.problems {
+            println!("  - {p}");
+        }
+        ExitCode::from(1)
+    }
+}
+
+async fn run(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chbridge run: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    observability::logging::init(config.log.format, &config.log.level);
+    match run_bridge(config).await {
+        Ok(pipeline::Outcome { drained: true }) => {
+            tracing::info!("stopped cleanly: every batch inserted and committed");
+            ExitCode::SUCCESS
+        }
+        Ok(pipeline::Outcome { drained: false }) => {
+            tracing::error!("stopped, but some batches were not acknowledged before shutdown_timeout; their records were not committed and will be read again");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            let config_problem = matches!(
+                e.downcast_ref::<PipelineError>(),
+                Some(PipelineError::Schema(_)) | None
+            );
+            ExitCode::from(if config_problem { 1 } else { 2 })
+        }
+    }
+}
+
+async fn run_bridge(config: Config) -> anyhow::Result<pipeline::Outcome> {
+    let metrics = Arc::new(Metrics::new());
+    // Revocation may block the loop for up to shutdown_timeout: only a longer
+    // silence is a stall.
+    let health = Arc::new(Health::new(
+        config.shutdown_timeout * 2 + std::time::Duration::from_secs(30),
+    ));
+    let shutdown = CancellationToken::new();
+    let http_cancel = CancellationToken::new();
+    observability::http::serve(
+        config.http.listen,
+        metrics.clone(),
+        health.clone(),
+        http_cancel.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "chbridge starting");
+    let result = pipeline::run(config, metrics, health, shutdown).await;
+    http_cancel.cancel();
+    Ok(result?)
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL only");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,267 @@
+//! Every metric chbridge exports, in one place. docs/metrics.md describes each.
+//!
+//! Labels are low-cardinality by construction: topic, partition, table, and a
+//! small fixed set of reasons or error classes.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Records read from Kafka, by topic.
+    pub records_consumed: IntCounterVec,
+    /// Records that could not become rows, by topic, table and reason.
+    pub records_failed: IntCounterVec,
+    /// Rows ClickHouse acknowledged, by table.
+    pub rows_inserted: IntCounterVec,
+    /// Uncompressed bytes of acknowledged inserts, by table.
+    pub insert_bytes: IntCounterVec,
+    /// Inserts acknowledged, by table.
+    pub batches_inserted: IntCounterVec,
+    /// Rows per inserted batch, by table.
+    pub batch_rows: HistogramVec,
+    /// Insert duration of the successful attempt, by table.
+    pub insert_duration: HistogramVec,
+    /// Failed insert attempts, by table and error class (transient, data, fatal).
+    pub insert_errors: IntCounterVec,
+    /// Insert attempts repeated after a transient failure, by table.
+    pub insert_retries: IntCounterVec,
+    /// Offset last committed, by topic and partition.
+    pub committed_offset: IntGaugeVec,
+    /// Commit requests, by result (ok, error).
+    pub commits: IntCounterVec,
+    /// High watermark seen in fetch responses, by topic and partition.
+    pub high_watermark: IntGaugeVec,
+    /// Records not yet committed: high watermark minus committed offset.
+    pub consumer_lag: IntGaugeVec,
+    /// Encoded bytes held in memory (open batches and batches being inserted).
+    pub buffered_bytes: IntGauge,
+    /// 1 while consumption is paused because buffers are full.
+    pub paused: IntGauge,
+    /// Partitions currently assigned to this process.
+    pub assigned_partitions: IntGauge,
+    /// Rebalance events, by kind (assign, revoke, lost).
+    pub rebalances: IntCounterVec,
+    /// Seconds from a record's Kafka timestamp to its row being acknowledged.
+    pub end_to_end_latency: Histogram,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| {
+        panic!("metric {name} is malformed: {e}") // a programming error, found by the unit test
+    });
+    register(registry, Box::new(c.clone()));
+    c
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    register(registry, Box::new(g.clone()));
+    g
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    register(registry, Box::new(g.clone()));
+    g
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    register(registry, Box::new(h.clone()));
+    h
+}
+
+fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
+    if let Err(e) = registry.register(c) {
+        panic!("metric registered twice: {e}");
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "chbridge_end_to_end_latency_seconds",
+                "Seconds from a record's Kafka timestamp to ClickHouse acknowledging its row",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("metric malformed: {e}"));
+        register(&r, Box::new(latency.clone()));
+        Metrics {
+            records_consumed: counter(
+                &r,
+                "chbridge_records_consumed_total",
+                "Records read from Kafka",
+                &["topic"],
+            ),
+            records_failed: counter(
+                &r,
+                "chbridge_records_failed_total",
+                "Records that could not be decoded or converted into a row",
+                &["topic", "table", "reason"],
+            ),
+            rows_inserted: counter(
+                &r,
+                "chbridge_rows_inserted_total",
+                "Rows acknowledged by ClickHouse",
+                &["table"],
+            ),
+            insert_bytes: counter(
+                &r,
+                "chbridge_insert_bytes_total",
+                "Uncompressed RowBinary bytes acknowledged by ClickHouse",
+                &["table"],
+            ),
+            batches_inserted: counter(
+                &r,
+                "chbridge_batches_inserted_total",
+                "Inserts acknowledged by ClickHouse",
+                &["table"],
+            ),
+            batch_rows: histogram_vec(
+                &r,
+                "chbridge_batch_rows",
+                "Rows per inserted batch",
+                &["table"],
+                prometheus::exponential_buckets(10.0, 4.0, 9)
+                    .unwrap_or_else(|_| vec![10.0, 1e3, 1e5, 1e6]),
+            ),
+            insert_duration: histogram_vec(
+                &r,
+                "chbridge_insert_duration_seconds",
+                "Duration of successful inserts",
+                &["table"],
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            ),
+            insert_errors: counter(
+                &r,
+                "chbridge_insert_errors_total",
+                "Failed insert attempts by error class",
+                &["table", "class"],
+            ),
+            insert_retries: counter(
+                &r,
+                "chbridge_insert_retries_total",
+                "Insert attempts repeated after a transient failure",
+                &["table"],
+            ),
+            committed_offset: gauge_vec(
+                &r,
+                "chbridge_committed_offset",
+                "Offset last committed for the partition",
+                &["topic", "partition"],
+            ),
+            commits: counter(
+                &r,
+                "chbridge_commits_total",
+                "Offset commit requests by result",
+                &["result"],
+            ),
+            high_watermark: gauge_vec(
+                &r,
+                "chbridge_high_watermark_offset",
+                "High watermark of the partition, from fetch responses",
+                &["topic", "partition"],
+            ),
+            consumer_lag: gauge_vec(
+                &r,
+                "chbridge_consumer_lag",
+                "Records in the partition not yet committed (high watermark - committed offset)",
+                &["topic", "partition"],
+            ),
+            buffered_bytes: gauge(
+                &r,
+                "chbridge_buffered_bytes",
+                "Encoded bytes in memory: open batches plus batches being inserted",
+            ),
+            paused: gauge(
+                &r,
+                "chbridge_consumer_paused",
+                "1 while consumption is paused because buffers are full",
+            ),
+            assigned_partitions: gauge(
+                &r,
+                "chbridge_assigned_partitions",
+                "Partitions assigned to this process",
+            ),
+            rebalances: counter(
+                &r,
+                "chbridge_rebalances_total",
+                "Rebalance events by kind",
+                &["kind"],
+            ),
+            end_to_end_latency: latency,
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "could not encode metrics");
+        }
+        buf
+    }
+
+    /// Forgets the per-partition series of a partition this process no longer owns.
+    pub fn forget_partition(&self, topic: &str, partition: i32) {
+        let p = partition.to_string();
+        for g in [
+            &self.committed_offset,
+            &self.high_watermark,
+            &self.consumer_lag,
+        ] {
+            let _ = g.remove_label_values(&[topic, &p]);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// A counter handle cached per (topic, table) so the hot path does not look labels up.
+pub fn counter_for(vec: &IntCounterVec, labels: &[&str]) -> IntCounter {
+    vec.with_label_values(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_registers_and_renders() {
+        let m = Metrics::new();
+        m.records_consumed.with_label_values(&["t"]).inc_by(3);
+        m.committed_offset.with_label_values(&["t", "0"]).set(42);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains("chbridge_records_consumed_total{topic=\"t\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("chbridge_committed_offset{partition=\"0\",topic=\"t\"} 42"));
+        m.forget_partition("t", 0);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("chbridge_committed_offset{"));
+    }
+}

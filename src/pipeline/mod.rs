@@ -1,0 +1,269 @@
+//! Wiring: reads the target tables, starts one insert task per table, runs
+//! the consumer loop on its own thread, and shuts everything down in order.
+
+pub mod core;
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer as _;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use self::core::{Core, Limits, Record, RouteState, TableState};
+use crate::config::Config;
+use crate::decode::{self, RecordError};
+use crate::kafka::context::{BridgeContext, Consumer};
+use crate::observability::{Health, Metrics};
+use crate::schema::{self, TableSchema};
+use crate::sink::{self, ClickHouseWriter, InsertError, TableSink};
+
+/// Why the pipeline stopped before being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Schema(String),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error(
+        "record {topic}[{partition}] at offset {offset} cannot be a row of {table}: {error}. \
+         The route has on_error = \"stop\", so chbridge stopped and committed nothing at or \
+         after this offset. Fix the producer (or the table), or set on_error = \"skip\" on \
+         the route to count and skip such records."
+    )]
+    BadRecord {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        table: String,
+        error: RecordError,
+    },
+    #[error(
+        "ClickHouse refused a batch of {rows} rows for {table} (records from {origin}): {error}. \
+         Nothing from these offsets on was committed; fix the cause and start chbridge again."
+    )]
+    Insert {
+        table: String,
+        rows: usize,
+        origin: String,
+        error: InsertError,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// How a requested stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Every batch was acknowledged and committed before the consumer left.
+    pub drained: bool,
+}
+
+/// Batches queued per table beyond the one being inserted: enough to keep
+/// ClickHouse busy while the next batch fills, small enough to bound memory.
+const SINK_QUEUE: usize = 2;
+
+/// Reads the schemas of every route's table, in route order, deduplicated.
+/// Returns the schemas and, per route, the index of its table.
+pub async fn load_tables(
+    config: &Config,
+    client: &clickhouse::Client,
+) -> Result<(Vec<TableSchema>, Vec<usize>), PipelineError> {
+    let mut schemas: Vec<TableSchema> = Vec::new();
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    let mut route_tables = Vec::new();
+    for i in 0..config.routes.len() {
+        let (db, t) = config.route_table(i);
+        let ti = match index.get(&(db.clone(), t.clone())) {
+            Some(&ti) => ti,
+            None => {
+                let s = schema::load_table(client, &db, &t)
+                    .await
+                    .map_err(|e| PipelineError::Schema(format!("routes[{i}]: {e}")))?;
+                schemas.push(s);
+                index.insert((db, t), schemas.len() - 1);
+                schemas.len() - 1
+            }
+        };
+        route_tables.push(ti);
+    }
+    let problems: Vec<String> = schemas.iter().flat_map(TableSchema::problems).collect();
+    if !problems.is_empty() {
+        return Err(PipelineError::Schema(problems.join("\n")));
+    }
+    Ok((schemas, route_tables))
+}
+
+/// Runs until `shutdown` fires (then drains and commits) or a fatal error.
+pub async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<Outcome, PipelineError> {
+    let client = sink::client(&config.clickhouse);
+    let (schemas, route_tables) = load_tables(&config, &client).await?;
+    health.set_clickhouse_ok(true);
+
+    let (events_tx, events_rx) = std_mpsc::channel();
+    let sinks_cancel = CancellationToken::new();
+    let writer = Arc::new(ClickHouseWriter::new(&config.clickhouse));
+    let mut tables = Vec::new();
+    for s in &schemas {
+        let (tx, rx) = mpsc::channel(SINK_QUEUE);
+        let sink = TableSink {
+            writer: writer.clone(),
+            table_name: s.to_string(),
+            sql: s.insert_sql(),
+            retry: config.retry.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+        };
+        tokio::spawn(sink.run(rx, events_tx.clone(), sinks_cancel.clone()));
+        tables.push(TableState::new(s.to_string(), tx));
+        tracing::info!(table = %s, columns = s.insert_columns().count(), "target table ready");
+    }
+    drop(events_tx);
+
+    let routes = config
+        .routes
+        .iter()
+        .zip(&route_tables)
+        .map(|(r, &ti)| {
+            RouteState::new(
+                ti,
+                decode::decoder_for(r.format, &schemas[ti], r.unknown_fields),
+                r.on_error,
+            )
+        })
+        .collect();
+    let topics: Vec<(String, Vec<usize>)> = config
+        .topics()
+        .into_iter()
+        .map(|t| {
+            let routes = (0..config.routes.len())
+                .filter(|&i| config.routes[i].topics.contains(&t))
+                .collect();
+            (t, routes)
+        })
+        .collect();
+    let topic_names: Vec<String> = topics.iter().map(|(t, _)| t.clone()).collect();
+    let core = Core::new(
+        Limits::from_config(&config),
+        topics,
+        routes,
+        tables,
+        events_rx,
+        metrics.clone(),
+    );
+
+    let consumer: Consumer = crate::kafka::client_config(&config.kafka)
+        .create_with_context(BridgeContext::new(core, metrics.clone(), health.clone()))
+        .map_err(|e| PipelineError::Kafka(format!("cannot create the consumer: {e}")))?;
+    let names: Vec<&str> = topic_names.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .map_err(|e| PipelineError::Kafka(format!("cannot subscribe to {names:?}: {e}")))?;
+    tracing::info!(topics = ?names, group = %config.kafka.group_id, "subscribed");
+
+    let ping = tokio::spawn(ping_clickhouse(
+        client,
+        health.clone(),
+        sinks_cancel.clone(),
+    ));
+    let loop_health = health.clone();
+    let result =
+        tokio::task::spawn_blocking(move || consumer_loop(consumer, shutdown, loop_health))
+            .await
+            .map_err(|e| PipelineError::Internal(format!("consumer thread failed: {e}")))?;
+    sinks_cancel.cancel();
+    let _ = ping.await;
+    result
+}
+
+/// Keeps `/readyz` honest while no insert is running.
+async fn ping_clickhouse(
+    client: clickhouse::Client,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let ok = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.query("SELECT 1").fetch_one::<u8>(),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        health.set_clickhouse_ok(ok);
+    }
+}
+
+/// The consumer thread: poll, place records, service batches and commits;
+/// on stop, drain and commit, then leave the group.
+fn consumer_loop(
+    consumer: Consumer,
+    stop: CancellationToken,
+    health: Arc<Health>,
+) -> Result<Outcome, PipelineError> {
+    let ctx = consumer.context().clone();
+    loop {
+        health.turn();
+        let timeout = {
+            let mut core = ctx.core();
+            if core.fatal().is_some() {
+                break;
+            }
+            core.service(&consumer)
+        };
+        if stop.is_cancelled() {
+            tracing::info!("stopping: flushing batches and committing");
+            break;
+        }
+        match consumer.poll(timeout) {
+            None => {}
+            Some(Ok(msg)) => {
+                let rec = Record {
+                    topic: msg.topic(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    timestamp_ms: msg.timestamp().to_millis(),
+                    value: msg.payload(),
+                };
+                ctx.core().on_record(&rec);
+            }
+            Some(Err(KafkaError::MessageConsumptionFatal(code)))
+            | Some(Err(KafkaError::Global(code)))
+                if code == RDKafkaErrorCode::Fatal =>
+            {
+                let e = PipelineError::Kafka(format!("fatal consumer error: {code}"));
+                tracing::error!(error = %e, "stopping");
+                let mut core = ctx.core();
+                core.shutdown(&consumer);
+                return Err(e);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries by itself)")
+            }
+        }
+    }
+    let (drained, fatal) = {
+        let mut core = ctx.core();
+        let drained = core.shutdown(&consumer);
+        (drained, core.take_fatal())
+    };
+    // Dropping the consumer closes it: it leaves the group so the partitions
+    // move to another member at once instead of after the session timeout.
+    drop(consumer);
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(Outcome { drained }),
+    }
+}

@@ -1,0 +1,400 @@
+//! RowBinary encoding of single values, and the conversions from the textual
+//! and numeric forms records carry to ClickHouse's binary forms. Shared by every
+//! decoder so that a value converts the same way whatever format it came in.
+
+use super::ColumnType;
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime};
+
+/// Why a value cannot be converted to its column's type. The decoder adds the column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConvertError(pub String);
+
+pub type ConvertResult<T = ()> = Result<T, ConvertError>;
+
+fn err<T>(msg: impl Into<String>) -> ConvertResult<T> {
+    Err(ConvertError(msg.into()))
+}
+
+/// Days from 0000-12-31 (chrono's `num_days_from_ce` origin) to 1970-01-01.
+const UNIX_EPOCH_DAYS_FROM_CE: i64 = 719_163;
+/// Last day of `Date` (UInt16 days): 2149-06-06.
+const DATE_MAX_DAYS: i64 = u16::MAX as i64;
+/// `Date32` covers 1900-01-01 ..= 2299-12-31.
+const DATE32_MIN_DAYS: i64 = -25_567;
+const DATE32_MAX_DAYS: i64 = 120_529;
+
+pub fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+pub fn write_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    write_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+/// Inserts the element count of a collection whose elements were already
+/// written from `pos` on (JSON arrays do not announce their length).
+pub fn insert_len_prefix(out: &mut Vec<u8>, pos: usize, count: u64) {
+    let mut prefix = Vec::with_capacity(10);
+    write_varint(&mut prefix, count);
+    out.splice(pos..pos, prefix);
+}
+
+/// Writes an integer of an integer column type after a range check.
+pub fn write_int(ty: &ColumnType, v: i128, out: &mut Vec<u8>) -> ConvertResult {
+    macro_rules! put {
+        ($t:ty) => {
+            match <$t>::try_from(v) {
+                Ok(x) => {
+                    out.extend_from_slice(&x.to_le_bytes());
+                    Ok(())
+                }
+                Err(_) => err(format!("{v} is out of range for {ty}")),
+            }
+        };
+    }
+    match ty {
+        ColumnType::Int8 => put!(i8),
+        ColumnType::Int16 => put!(i16),
+        ColumnType::Int32 => put!(i32),
+        ColumnType::Int64 => put!(i64),
+        ColumnType::UInt8 => put!(u8),
+        ColumnType::UInt16 => put!(u16),
+        ColumnType::UInt32 => put!(u32),
+        ColumnType::UInt64 => put!(u64),
+        ColumnType::Float32 => {
+            out.extend_from_slice(&(v as f32).to_le_bytes());
+            Ok(())
+        }
+        ColumnType::Float64 => {
+            out.extend_from_slice(&(v as f64).to_le_bytes());
+            Ok(())
+        }
+        ColumnType::Bool => match v {
+            0 | 1 => {
+                out.push(v as u8);
+                Ok(())
+            }
+            _ => err(format!("{v} is not a Bool (expected true, false, 0 or 1)")),
+        },
+        _ => err(format!("internal: {ty} is not numeric")),
+    }
+}
+
+/// Writes a float into a Float column, or into an integer column when it has no fraction.
+pub fn write_float(ty: &ColumnType, v: f64, out: &mut Vec<u8>) -> ConvertResult {
+    match ty {
+        ColumnType::Float32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+        ColumnType::Float64 => out.extend_from_slice(&v.to_le_bytes()),
+        _ if v.fract() == 0.0 && v.is_finite() && v.abs() < 1.8e19 => {
+            return write_int(ty, v as i128, out)
+        }
+        _ => return err(format!("{v} is not a whole number, expected {ty}")),
+    }
+    Ok(())
+}
+
+/// Parses a number given as a string (e.g. a 64-bit id quoted by a JavaScript producer).
+pub fn write_numeric_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    let t = s.trim();
+    match ty {
+        ColumnType::Float32 | ColumnType::Float64 => match t.parse::<f64>() {
+            Ok(v) => write_float(ty, v, out),
+            Err(_) => err(format!("{s:?} is not a number, expected {ty}")),
+        },
+        ColumnType::Bool => match t {
+            "true" | "1" => write_int(ty, 1, out),
+            "false" | "0" => write_int(ty, 0, out),
+            _ => err(format!("{s:?} is not a Bool")),
+        },
+        _ => match t.parse::<i128>() {
+            Ok(v) => write_int(ty, v, out),
+            Err(_) => err(format!("{s:?} is not an integer, expected {ty}")),
+        },
+    }
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` string.
+fn parse_days(s: &str) -> ConvertResult<i64> {
+    let date_part = s.get(..10).unwrap_or(s);
+    match NaiveDate::parse_from_str(date_part, "%Y-%m-%d") {
+        Ok(d) if s.len() == 10 => Ok(i64::from(d.num_days_from_ce()) - UNIX_EPOCH_DAYS_FROM_CE),
+        _ => err(format!("{s:?} is not a date (expected YYYY-MM-DD)")),
+    }
+}
+
+pub fn write_date_days(ty: &ColumnType, days: i64, out: &mut Vec<u8>) -> ConvertResult {
+    match ty {
+        ColumnType::Date if (0..=DATE_MAX_DAYS).contains(&days) => {
+            out.extend_from_slice(&(days as u16).to_le_bytes())
+        }
+        ColumnType::Date32 if (DATE32_MIN_DAYS..=DATE32_MAX_DAYS).contains(&days) => {
+            out.extend_from_slice(&(days as i32).to_le_bytes())
+        }
+        _ => {
+            return err(format!(
+                "day {days} after 1970-01-01 is out of range for {ty}"
+            ))
+        }
+    }
+    Ok(())
+}
+
+pub fn write_date_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    write_date_days(ty, parse_days(s)?, out)
+}
+
+/// Nanoseconds since the epoch of an RFC 3339 string, or of a naive
+/// `YYYY-MM-DD[ T]hh:mm:ss[.fff]` string taken as UTC. A naive string for a
+/// column with a non-UTC time zone is refused: guessing would shift the value.
+fn parse_datetime_nanos(s: &str, tz: Option<&str>) -> ConvertResult<i128> {
+    if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
+        return Ok(
+            i128::from(dt.timestamp()) * 1_000_000_000 + i128::from(dt.timestamp_subsec_nanos())
+        );
+    }
+    let naive = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
+        .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f"));
+    match naive {
+        Ok(dt) if matches!(tz, None | Some("UTC") | Some("Etc/UTC")) => {
+            let utc = dt.and_utc();
+            Ok(i128::from(utc.timestamp()) * 1_000_000_000
+                + i128::from(utc.timestamp_subsec_nanos()))
+        }
+        Ok(_) => err(format!(
+            "{s:?} has no UTC offset and the column's time zone is {}; send RFC 3339 \
+             with an offset (e.g. 2024-01-31T12:00:00Z) or epoch seconds",
+            tz.unwrap_or_default()
+        )),
+        Err(_) => err(format!(
+            "{s:?} is not a date-time (expected RFC 3339 such as 2024-01-31T12:00:00Z, \
+             or epoch seconds)"
+        )),
+    }
+}
+
+fn scale(precision: u32) -> i128 {
+    10i128.pow(precision)
+}
+
+/// Writes a DateTime or DateTime64 value given as nanoseconds since the epoch,
+/// truncating below the column's precision as ClickHouse does.
+fn write_nanos(ty: &ColumnType, nanos: i128, out: &mut Vec<u8>) -> ConvertResult {
+    match ty {
+        ColumnType::DateTime { .. } => {
+            let secs = nanos.div_euclid(1_000_000_000);
+            match u32::try_from(secs) {
+                Ok(v) => out.extend_from_slice(&v.to_le_bytes()),
+                Err(_) => {
+                    return err(format!(
+                        "{secs} seconds since 1970 is out of range for DateTime \
+                         (1970-01-01 to 2106-02-07)"
+                    ))
+                }
+            }
+        }
+        ColumnType::DateTime64 { precision, .. } => {
+            let ticks = nanos.div_euclid(scale(9 - precision));
+            match i64::try_from(ticks) {
+                Ok(v) => out.extend_from_slice(&v.to_le_bytes()),
+                Err(_) => return err(format!("{ticks} ticks are out of range for {ty}")),
+            }
+        }
+        _ => return err(format!("internal: {ty} is not a date-time")),
+    }
+    Ok(())
+}
+
+/// A DateTime from epoch seconds (a JSON number).
+pub fn write_datetime_secs(ty: &ColumnType, secs: f64, out: &mut Vec<u8>) -> ConvertResult {
+    if !secs.is_finite() || secs.abs() > 1e13 {
+        return err(format!(
+            "{secs} is not a valid epoch time in seconds for {ty}"
+        ));
+    }
+    // Round to the nearest microsecond first: f64 seconds carry about 16 digits,
+    // so finer digits are noise from the binary representation.
+    let micros = (secs * 1e6).round() as i128;
+    write_nanos(ty, micros * 1000, out)
+}
+
+pub fn write_datetime_int(ty: &ColumnType, secs: i128, out: &mut Vec<u8>) -> ConvertResult {
+    match secs.checked_mul(1_000_000_000) {
+        Some(n) => write_nanos(ty, n, out),
+        None => err(format!("{secs} is out of range for {ty}")),
+    }
+}
+
+pub fn write_datetime_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    let tz = match ty {
+        ColumnType::DateTime { tz } | ColumnType::DateTime64 { tz, .. } => tz.as_deref(),
+        _ => None,
+    };
+    let t = s.trim();
+    // Numbers in strings are epoch seconds, as for JSON numbers.
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+        if let Ok(v) = t.parse::<i128>() {
+            return write_datetime_int(ty, v, out);
+        }
+    }
+    write_nanos(ty, parse_datetime_nanos(t, tz)?, out)
+}
+
+pub fn write_uuid(s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    match uuid::Uuid::try_parse(s.trim()) {
+        Ok(u) => {
+            // RowBinary stores a UUID as two little-endian UInt64: high half first.
+            let (hi, lo) = u.as_u64_pair();
+            out.extend_from_slice(&hi.to_le_bytes());
+            out.extend_from_slice(&lo.to_le_bytes());
+            Ok(())
+        }
+        Err(_) => err(format!("{s:?} is not a UUID")),
+    }
+}
+
+pub fn write_ipv4(s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    match s.trim().parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => {
+            out.extend_from_slice(&u32::from(ip).to_le_bytes());
+            Ok(())
+        }
+        Err(_) => err(format!("{s:?} is not an IPv4 address")),
+    }
+}
+
+pub fn write_fixed_string(n: usize, b: &[u8], out: &mut Vec<u8>) -> ConvertResult {
+    if b.len() > n {
+        return err(format!(
+            "value of {} bytes is too long for FixedString({n})",
+            b.len()
+        ));
+    }
+    out.extend_from_slice(b);
+    out.resize(out.len() + (n - b.len()), 0);
+    Ok(())
+}
+
+/// Writes the type's zero value: what ClickHouse stores for a NULL that lands
+/// in a non-Nullable element of an array or map.
+pub fn write_zero(ty: &ColumnType, out: &mut Vec<u8>) {
+    let width = match ty {
+        ColumnType::Int8 | ColumnType::UInt8 | ColumnType::Bool => 1,
+        ColumnType::Int16 | ColumnType::UInt16 | ColumnType::Date => 2,
+        ColumnType::Int32
+        | ColumnType::UInt32
+        | ColumnType::Float32
+        | ColumnType::Date32
+        | ColumnType::DateTime { .. }
+        | ColumnType::IPv4 => 4,
+        ColumnType::Int64
+        | ColumnType::UInt64
+        | ColumnType::Float64
+        | ColumnType::DateTime64 { .. } => 8,
+        ColumnType::Uuid => 16,
+        ColumnType::FixedString(n) => *n,
+        // Strings, arrays and maps: an empty one is a zero length.
+        ColumnType::String | ColumnType::Array(_) | ColumnType::Map(..) => 1,
+        ColumnType::Nullable(_) => {
+            out.push(1);
+            return;
+        }
+        ColumnType::LowCardinality(t) => return write_zero(t, out),
+        ColumnType::Unsupported(_) => 0,
+    };
+    out.resize(out.len() + width, 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(f: impl FnOnce(&mut Vec<u8>) -> ConvertResult) -> ConvertResult<Vec<u8>> {
+        let mut out = Vec::new();
+        f(&mut out).map(|_| out)
+    }
+
+    #[test]
+    fn varint_matches_leb128() {
+        let mut out = Vec::new();
+        write_varint(&mut out, 300);
+        assert_eq!(out, [0xac, 0x02]);
+        let mut out = vec![9, 9];
+        insert_len_prefix(&mut out, 1, 200);
+        assert_eq!(out, [9, 0xc8, 0x01, 9]);
+    }
+
+    #[test]
+    fn integers_are_range_checked() {
+        assert_eq!(
+            enc(|o| write_int(&ColumnType::UInt8, 255, o)),
+            Ok(vec![255])
+        );
+        let e = enc(|o| write_int(&ColumnType::UInt8, 256, o)).unwrap_err();
+        assert!(e.0.contains("out of range for UInt8"), "{e}");
+        assert!(enc(|o| write_int(&ColumnType::Int64, -1, o)).is_ok());
+        assert!(enc(|o| write_int(&ColumnType::UInt64, -1, o)).is_err());
+        assert_eq!(
+            enc(|o| write_numeric_str(&ColumnType::UInt64, "18446744073709551615", o)),
+            Ok(vec![255; 8])
+        );
+        assert!(enc(|o| write_float(&ColumnType::Int32, 1.5, o)).is_err());
+        assert_eq!(
+            enc(|o| write_float(&ColumnType::Int16, 2.0, o)),
+            Ok(vec![2, 0])
+        );
+    }
+
+    #[test]
+    fn dates_and_datetimes() {
+        assert_eq!(
+            enc(|o| write_date_str(&ColumnType::Date, "1970-01-02", o)),
+            Ok(vec![1, 0])
+        );
+        assert!(enc(|o| write_date_str(&ColumnType::Date, "1969-12-31", o)).is_err());
+        assert_eq!(
+            enc(|o| write_date_str(&ColumnType::Date32, "1969-12-31", o)),
+            Ok((-1i32).to_le_bytes().to_vec())
+        );
+        let dt = ColumnType::DateTime { tz: None };
+        assert_eq!(
+            enc(|o| write_datetime_str(&dt, "2024-01-31T12:00:00+01:00", o)),
+            Ok(1_706_698_800u32.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            enc(|o| write_datetime_str(&dt, "2024-01-31 11:00:00", o)),
+            Ok(1_706_698_800u32.to_le_bytes().to_vec())
+        );
+        assert!(enc(|o| write_datetime_int(&dt, -1, o)).is_err());
+        let paris = ColumnType::DateTime {
+            tz: Some("Europe/Paris".into()),
+        };
+        let e = enc(|o| write_datetime_str(&paris, "2024-01-31 11:00:00", o)).unwrap_err();
+        assert!(e.0.contains("Europe/Paris"), "{e}");
+        let dt64 = ColumnType::DateTime64 {
+            precision: 3,
+            tz: None,
+        };
+        assert_eq!(
+            enc(|o| write_datetime_str(&dt64, "2024-01-31T11:00:00.123456Z", o)),
+            Ok(1_706_698_800_123i64.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            enc(|o| write_datetime_secs(&dt64, 1_706_698_800.123, o)),
+            Ok(1_706_698_800_123i64.to_le_bytes().to_vec())
+        );
+    }
+
+    #[test]
+    fn uuid_is_two_little_endian_halves() {
+        let out = enc(|o| write_uuid("61f0c404-5cb3-11e7-907b-a6006ad3dba0", o)).unwrap();
+        assert_eq!(&out[..8], &0x61f0c4045cb311e7u64.to_le_bytes());
+        assert_eq!(&out[8..], &0x907ba6006ad3dba0u64.to_le_bytes());
+        assert!(enc(|o| write_uuid("nope", o)).is_err());
+    }
+}

@@ -1,0 +1,266 @@
+//! Target tables: their columns as ClickHouse reports them, which of them an
+//! insert names, and how each is filled from a record.
+
+pub mod encode;
+pub mod types;
+
+use std::fmt;
+
+pub use types::ColumnType;
+
+/// How ClickHouse computes a column when an insert does not give it a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultKind {
+    /// No expression: the type's zero value (NULL for Nullable).
+    None,
+    Default,
+    Materialized,
+    Alias,
+    Ephemeral,
+}
+
+impl DefaultKind {
+    pub fn parse(s: &str) -> DefaultKind {
+        match s {
+            "DEFAULT" => DefaultKind::Default,
+            "MATERIALIZED" => DefaultKind::Materialized,
+            "ALIAS" => DefaultKind::Alias,
+            "EPHEMERAL" => DefaultKind::Ephemeral,
+            _ => DefaultKind::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub ty: ColumnType,
+    /// ClickHouse's own spelling of the type, for messages.
+    pub type_text: String,
+    pub default_kind: DefaultKind,
+    pub default_expression: String,
+}
+
+/// What happens to a column on insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fill {
+    /// Filled from the record's field of the same name; when the field is
+    /// missing, ClickHouse applies the column's default.
+    Field,
+    /// Computed by ClickHouse (MATERIALIZED or ALIAS); never sent.
+    Computed,
+    /// The record cannot fill it but the column has a DEFAULT expression: sent as "use default".
+    DefaultOnly(String),
+    /// Nothing can fill it: the reason says why.
+    Unfillable(String),
+}
+
+impl Column {
+    pub fn fill(&self) -> Fill {
+        match self.default_kind {
+            DefaultKind::Materialized | DefaultKind::Alias => return Fill::Computed,
+            _ => {}
+        }
+        if self.ty.is_supported() {
+            return Fill::Field;
+        }
+        let why = format!(
+            "type {} is not supported by the JSON decoder yet",
+            self.type_text
+        );
+        if self.default_kind == DefaultKind::Default {
+            Fill::DefaultOnly(why)
+        } else {
+            Fill::Unfillable(format!(
+                "{why} and the column has no DEFAULT expression; give it a DEFAULT, \
+                 make it MATERIALIZED, or route to another table"
+            ))
+        }
+    }
+
+    /// True when the insert names this column.
+    pub fn is_inserted(&self) -> bool {
+        !matches!(self.fill(), Fill::Computed)
+    }
+}
+
+/// A target table and its columns in table order.
+#[derive(Debug, Clone)]
+pub struct TableSchema {
+    pub database: String,
+    pub table: String,
+    pub columns: Vec<Column>,
+}
+
+impl TableSchema {
+    /// The columns an insert names, in the order rows are encoded.
+    pub fn insert_columns(&self) -> impl Iterator<Item = &Column> {
+        self.columns.iter().filter(|c| c.is_inserted())
+    }
+
+    /// Problems that make the table impossible to fill, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .filter_map(|c| match c.fill() {
+                Fill::Unfillable(why) => Some(format!(
+                    "table {self}: column `{}` cannot be filled: {why}",
+                    c.name
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The INSERT statement for RowBinaryWithDefaults rows. Columns are named so
+    /// that a changed column order can never shift values.
+    pub fn insert_sql(&self) -> String {
+        let cols: Vec<String> = self
+            .insert_columns()
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        format!(
+            "INSERT INTO {}.{} ({}) FORMAT RowBinaryWithDefaults",
+            quote_ident(&self.database),
+            quote_ident(&self.table),
+            cols.join(", ")
+        )
+    }
+}
+
+impl fmt::Display for TableSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.database, self.table)
+    }
+}
+
+/// Quotes an identifier with backticks, escaping backticks and backslashes.
+pub fn quote_ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('`');
+    for c in name.chars() {
+        if c == '`' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('`');
+    out
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct SystemColumn {
+    name: String,
+    #[serde(rename = "type")]
+    type_text: String,
+    default_kind: String,
+    default_expression: String,
+}
+
+/// Errors while reading a table's schema.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("table {database}.{table} does not exist: create it, or fix the route's `table`")]
+    NoSuchTable { database: String, table: String },
+    #[error("could not read the schema of {database}.{table} from ClickHouse: {source}")]
+    ClickHouse {
+        database: String,
+        table: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+}
+
+/// Reads the columns of `database.table` from `system.columns`.
+pub async fn load_table(
+    client: &clickhouse::Client,
+    database: &str,
+    table: &str,
+) -> Result<TableSchema, SchemaError> {
+    let wrap = |source| SchemaError::ClickHouse {
+        database: database.to_string(),
+        table: table.to_string(),
+        source,
+    };
+    let rows: Vec<SystemColumn> = client
+        .query(
+            "SELECT name, type, default_kind, default_expression FROM system.columns \
+             WHERE database = ? AND table = ? ORDER BY position",
+        )
+        .bind(database)
+        .bind(table)
+        .fetch_all()
+        .await
+        .map_err(wrap)?;
+    if rows.is_empty() {
+        return Err(SchemaError::NoSuchTable {
+            database: database.to_string(),
+            table: table.to_string(),
+        });
+    }
+    let columns = rows
+        .into_iter()
+        .map(|r| Column {
+            ty: ColumnType::parse(&r.type_text),
+            name: r.name,
+            type_text: r.type_text,
+            default_kind: DefaultKind::parse(&r.default_kind),
+            default_expression: r.default_expression,
+        })
+        .collect();
+    Ok(TableSchema {
+        database: database.to_string(),
+        table: table.to_string(),
+        columns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, ty: &str, kind: DefaultKind) -> Column {
+        Column {
+            name: name.into(),
+            ty: ColumnType::parse(ty),
+            type_text: ty.into(),
+            default_kind: kind,
+            default_expression: String::new(),
+        }
+    }
+
+    #[test]
+    fn insert_names_only_insertable_columns() {
+        let t = TableSchema {
+            database: "db".into(),
+            table: "ev`ents".into(),
+            columns: vec![
+                col("id", "UInt64", DefaultKind::None),
+                col("day", "Date", DefaultKind::Materialized),
+                col("x", "AggregateFunction(uniq, UInt64)", DefaultKind::Default),
+            ],
+        };
+        assert_eq!(
+            t.insert_sql(),
+            "INSERT INTO `db`.`ev\\`ents` (`id`, `x`) FORMAT RowBinaryWithDefaults"
+        );
+        assert!(t.problems().is_empty());
+    }
+
+    #[test]
+    fn unsupported_column_without_default_is_a_problem_naming_it() {
+        let t = TableSchema {
+            database: "db".into(),
+            table: "t".into(),
+            columns: vec![col(
+                "state",
+                "AggregateFunction(uniq, UInt64)",
+                DefaultKind::None,
+            )],
+        };
+        let p = t.problems();
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("column `state`"), "{}", p[0]);
+        assert!(p[0].contains("AggregateFunction(uniq, UInt64)"), "{}", p[0]);
+    }
+}

@@ -1,0 +1,387 @@
+//! ClickHouse column types, parsed from the `type` strings of `system.columns`.
+//!
+//! Only the structure the encoders need is kept; a type the encoders cannot
+//! produce is kept as [`ColumnType::Unsupported`] with its original text so that
+//! `chbridge check` can name it.
+
+use std::fmt;
+
+/// A ClickHouse data type as far as the RowBinary encoder is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnType {
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    UInt8,
+    UInt16,
+    UInt32,
+    UInt64,
+    Float32,
+    Float64,
+    Bool,
+    String,
+    FixedString(usize),
+    Uuid,
+    Date,
+    Date32,
+    /// `DateTime` or `DateTime('tz')`.
+    DateTime {
+        tz: Option<String>,
+    },
+    /// `DateTime64(precision)` or `DateTime64(precision, 'tz')`.
+    DateTime64 {
+        precision: u32,
+        tz: Option<String>,
+    },
+    IPv4,
+    Nullable(Box<ColumnType>),
+    /// Encoded exactly as its inner type in RowBinary.
+    LowCardinality(Box<ColumnType>),
+    Array(Box<ColumnType>),
+    Map(Box<ColumnType>, Box<ColumnType>),
+    /// A type the encoders do not produce yet; the text is ClickHouse's.
+    Unsupported(String),
+}
+
+impl ColumnType {
+    /// Parses a type as ClickHouse prints it in `system.columns.type`.
+    pub fn parse(text: &str) -> ColumnType {
+        let mut p = Parser {
+            s: text.as_bytes(),
+            pos: 0,
+        };
+        match p.parse_type() {
+            Some(ty) if p.at_end() => ty,
+            _ => ColumnType::Unsupported(text.to_string()),
+        }
+    }
+
+    /// True when the encoders can produce values of this type (recursively).
+    pub fn is_supported(&self) -> bool {
+        match self {
+            ColumnType::Unsupported(_) => false,
+            ColumnType::Nullable(t) | ColumnType::LowCardinality(t) | ColumnType::Array(t) => {
+                t.is_supported()
+            }
+            ColumnType::Map(k, v) => k.is_supported() && v.is_supported(),
+            _ => true,
+        }
+    }
+
+    pub fn is_nullable(&self) -> bool {
+        match self {
+            ColumnType::Nullable(_) => true,
+            ColumnType::LowCardinality(t) => t.is_nullable(),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ColumnType::Int8 => f.write_str("Int8"),
+            ColumnType::Int16 => f.write_str("Int16"),
+            ColumnType::Int32 => f.write_str("Int32"),
+            ColumnType::Int64 => f.write_str("Int64"),
+            ColumnType::UInt8 => f.write_str("UInt8"),
+            ColumnType::UInt16 => f.write_str("UInt16"),
+            ColumnType::UInt32 => f.write_str("UInt32"),
+            ColumnType::UInt64 => f.write_str("UInt64"),
+            ColumnType::Float32 => f.write_str("Float32"),
+            ColumnType::Float64 => f.write_str("Float64"),
+            ColumnType::Bool => f.write_str("Bool"),
+            ColumnType::String => f.write_str("String"),
+            ColumnType::FixedString(n) => write!(f, "FixedString({n})"),
+            ColumnType::Uuid => f.write_str("UUID"),
+            ColumnType::Date => f.write_str("Date"),
+            ColumnType::Date32 => f.write_str("Date32"),
+            ColumnType::DateTime { tz: None } => f.write_str("DateTime"),
+            ColumnType::DateTime { tz: Some(tz) } => write!(f, "DateTime('{tz}')"),
+            ColumnType::DateTime64 {
+                precision,
+                tz: None,
+            } => write!(f, "DateTime64({precision})"),
+            ColumnType::DateTime64 {
+                precision,
+                tz: Some(tz),
+            } => write!(f, "DateTime64({precision}, '{tz}')"),
+            ColumnType::IPv4 => f.write_str("IPv4"),
+            ColumnType::Nullable(t) => write!(f, "Nullable({t})"),
+            ColumnType::LowCardinality(t) => write!(f, "LowCardinality({t})"),
+            ColumnType::Array(t) => write!(f, "Array({t})"),
+            ColumnType::Map(k, v) => write!(f, "Map({k}, {v})"),
+            ColumnType::Unsupported(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A small recursive-descent parser over the type grammar ClickHouse prints:
+/// `Name`, `Name(arg, ...)` where an argument is a type, a number or a quoted string.
+struct Parser<'a> {
+    s: &'a [u8],
+    pos: usize,
+}
+
+enum Arg {
+    Type(ColumnType),
+    Number(u64),
+    Str(String),
+}
+
+impl Parser<'_> {
+    fn at_end(&mut self) -> bool {
+        self.skip_ws();
+        self.pos == self.s.len()
+    }
+
+    fn skip_ws(&mut self) {
+        while self.pos < self.s.len() && self.s[self.pos].is_ascii_whitespace() {
+            self.pos += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        self.skip_ws();
+        if self.s.get(self.pos) == Some(&c) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn ident(&mut self) -> Option<&str> {
+        self.skip_ws();
+        let start = self.pos;
+        while self.pos < self.s.len()
+            && (self.s[self.pos].is_ascii_alphanumeric() || self.s[self.pos] == b'_')
+        {
+            self.pos += 1;
+        }
+        if self.pos == start {
+            return None;
+        }
+        std::str::from_utf8(&self.s[start..self.pos]).ok()
+    }
+
+    fn parse_arg(&mut self) -> Option<Arg> {
+        self.skip_ws();
+        match self.s.get(self.pos)? {
+            b'\'' => {
+                self.pos += 1;
+                let mut out = Vec::new();
+                while let Some(&c) = self.s.get(self.pos) {
+                    self.pos += 1;
+                    match c {
+                        b'\\' => {
+                            out.push(*self.s.get(self.pos)?);
+                            self.pos += 1;
+                        }
+                        b'\'' => return String::from_utf8(out).ok().map(Arg::Str),
+                        _ => out.push(c),
+                    }
+                }
+                None
+            }
+            c if c.is_ascii_digit() || *c == b'-' => {
+                let start = self.pos;
+                self.pos += 1;
+                while self.pos < self.s.len() && self.s[self.pos].is_ascii_digit() {
+                    self.pos += 1;
+                }
+                let text = std::str::from_utf8(&self.s[start..self.pos]).ok()?;
+                // Negative numbers only appear in Enum values, which are unsupported here.
+                text.parse().ok().map(Arg::Number)
+            }
+            _ => {
+                let save = self.pos;
+                let ty = self.parse_type()?;
+                // Named tuple elements look like `name Type`; keep the type.
+                self.skip_ws();
+                if matches!(self.s.get(self.pos), Some(c) if c.is_ascii_alphabetic()) {
+                    self.pos = save;
+                    self.ident()?;
+                    return self.parse_type().map(Arg::Type);
+                }
+                Some(Arg::Type(ty))
+            }
+        }
+    }
+
+    fn parse_args(&mut self) -> Option<Vec<Arg>> {
+        let mut args = Vec::new();
+        if self.eat(b')') {
+            return Some(args);
+        }
+        loop {
+            args.push(self.parse_arg()?);
+            if self.eat(b')') {
+                return Some(args);
+            }
+            if !self.eat(b',') {
+                return None;
+            }
+        }
+    }
+
+    fn parse_type(&mut self) -> Option<ColumnType> {
+        let start = self.pos;
+        let name = self.ident()?.to_string();
+        let args = if self.eat(b'(') {
+            Some(self.parse_args()?)
+        } else {
+            None
+        };
+        let text = std::str::from_utf8(&self.s[start..self.pos])
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        fn one_type(mut args: Vec<Arg>) -> Option<Box<ColumnType>> {
+            match (args.pop(), args.is_empty()) {
+                (Some(Arg::Type(t)), true) => Some(Box::new(t)),
+                _ => None,
+            }
+        }
+        let wrap = |inner: Option<Box<ColumnType>>, f: fn(Box<ColumnType>) -> ColumnType| {
+            inner
+                .map(f)
+                .unwrap_or_else(|| ColumnType::Unsupported(text.clone()))
+        };
+        let ty = match (name.as_str(), args) {
+            ("Int8", None) => ColumnType::Int8,
+            ("Int16", None) => ColumnType::Int16,
+            ("Int32", None) => ColumnType::Int32,
+            ("Int64", None) => ColumnType::Int64,
+            ("UInt8", None) => ColumnType::UInt8,
+            ("UInt16", None) => ColumnType::UInt16,
+            ("UInt32", None) => ColumnType::UInt32,
+            ("UInt64", None) => ColumnType::UInt64,
+            ("Float32", None) => ColumnType::Float32,
+            ("Float64", None) => ColumnType::Float64,
+            ("Bool", None) => ColumnType::Bool,
+            ("String", None) => ColumnType::String,
+            ("UUID", None) => ColumnType::Uuid,
+            ("Date", None) => ColumnType::Date,
+            ("Date32", None) => ColumnType::Date32,
+            ("IPv4", None) => ColumnType::IPv4,
+            ("DateTime", None) => ColumnType::DateTime { tz: None },
+            ("FixedString", Some(a)) => match a.as_slice() {
+                [Arg::Number(n)] => ColumnType::FixedString(usize::try_from(*n).ok()?),
+                _ => ColumnType::Unsupported(text.clone()),
+            },
+            ("DateTime", Some(a)) => match a.as_slice() {
+                [Arg::Str(tz)] => ColumnType::DateTime {
+                    tz: Some(tz.clone()),
+                },
+                _ => ColumnType::Unsupported(text.clone()),
+            },
+            ("DateTime64", Some(a)) => match a.as_slice() {
+                [Arg::Number(p)] if *p <= 9 => ColumnType::DateTime64 {
+                    precision: *p as u32,
+                    tz: None,
+                },
+                [Arg::Number(p), Arg::Str(tz)] if *p <= 9 => ColumnType::DateTime64 {
+                    precision: *p as u32,
+                    tz: Some(tz.clone()),
+                },
+                _ => ColumnType::Unsupported(text.clone()),
+            },
+            ("Nullable", Some(a)) => wrap(one_type(a), ColumnType::Nullable),
+            ("LowCardinality", Some(a)) => wrap(one_type(a), ColumnType::LowCardinality),
+            ("Array", Some(a)) => wrap(one_type(a), ColumnType::Array),
+            ("Map", Some(a)) => {
+                let mut it = a.into_iter();
+                match (it.next(), it.next(), it.next()) {
+                    (Some(Arg::Type(k)), Some(Arg::Type(v)), None) => {
+                        ColumnType::Map(Box::new(k), Box::new(v))
+                    }
+                    _ => ColumnType::Unsupported(text.clone()),
+                }
+            }
+            _ => ColumnType::Unsupported(text.clone()),
+        };
+        Some(ty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_scalars_and_wrappers() {
+        assert_eq!(ColumnType::parse("UInt64"), ColumnType::UInt64);
+        assert_eq!(
+            ColumnType::parse("LowCardinality(Nullable(String))"),
+            ColumnType::LowCardinality(Box::new(ColumnType::Nullable(Box::new(
+                ColumnType::String
+            ))))
+        );
+        assert_eq!(
+            ColumnType::parse("Array(Array(Int32))"),
+            ColumnType::Array(Box::new(ColumnType::Array(Box::new(ColumnType::Int32))))
+        );
+        assert_eq!(
+            ColumnType::parse("Map(String, UInt64)"),
+            ColumnType::Map(Box::new(ColumnType::String), Box::new(ColumnType::UInt64))
+        );
+        assert_eq!(
+            ColumnType::parse("FixedString(16)"),
+            ColumnType::FixedString(16)
+        );
+    }
+
+    #[test]
+    fn parses_datetimes_with_time_zones() {
+        assert_eq!(
+            ColumnType::parse("DateTime('Europe/Paris')"),
+            ColumnType::DateTime {
+                tz: Some("Europe/Paris".into())
+            }
+        );
+        assert_eq!(
+            ColumnType::parse("DateTime64(3, 'UTC')"),
+            ColumnType::DateTime64 {
+                precision: 3,
+                tz: Some("UTC".into())
+            }
+        );
+        assert_eq!(
+            ColumnType::parse("DateTime64(6)"),
+            ColumnType::DateTime64 {
+                precision: 6,
+                tz: None
+            }
+        );
+    }
+
+    #[test]
+    fn keeps_unsupported_types_by_name() {
+        let t = ColumnType::parse("AggregateFunction(uniq, UInt64)");
+        assert_eq!(
+            t,
+            ColumnType::Unsupported("AggregateFunction(uniq, UInt64)".into())
+        );
+        assert!(!t.is_supported());
+        let nested = ColumnType::parse("Array(Decimal(10, 2))");
+        assert!(!nested.is_supported());
+        assert_eq!(nested.to_string(), "Array(Decimal(10, 2))");
+        assert_eq!(
+            ColumnType::parse("Enum8('a' = 1, 'b' = 2)"),
+            ColumnType::Unsupported("Enum8('a' = 1, 'b' = 2)".into())
+        );
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in [
+            "Nullable(DateTime64(3, 'UTC'))",
+            "Map(String, Array(Nullable(Int8)))",
+            "LowCardinality(String)",
+        ] {
+            assert_eq!(ColumnType::parse(s).to_string(), s);
+        }
+    }
+}
