@@ -1,0 +1,50 @@
+# chbridge: `make demo` and `make test` do everything on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+export CH_HTTP_PORT ?= 8123
+export CH_TCP_PORT ?= 9000
+export KAFKA_PORT ?= 9092
+
+.PHONY: help demo demo-stop test unit it lint fmt build release stack-up stack-down stack-status
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+demo: ## install and start the stack, run chbridge on sample events, show the rows
+	scripts/demo.sh
+
+demo-stop: ## stop the demo bridge and the local stack
+	scripts/demo.sh stop
+	scripts/stack.sh stop
+
+test: stack-up ## the whole suite: unit tests and integration tests against the real stack
+	cargo test --all-targets
+
+unit: ## unit tests only (no servers needed)
+	cargo test --lib --bins
+
+it: stack-up ## integration tests only
+	cargo test --test it
+
+lint: ## formatting and clippy, warnings are errors
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+build:
+	cargo build
+
+release:
+	cargo build --release
+
+stack-up: ## install (pinned, into .venv) and start ClickHouse and the broker on 127.0.0.1
+	scripts/stack.sh start
+
+stack-down: ## stop what stack-up started
+	scripts/stack.sh stop
+
+stack-status:
+	scripts/stack.sh status

@@ -1,0 +1,145 @@
+//! (d) Bad records are counted and handled per policy; good ones land.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+/// Malformed or unconvertible values for the simple table, one per kind.
+const BAD: &[&[u8]] = &[
+    b"not json at all",
+    b"{\"id\": 1, \"p\": 0",
+    b"[1, 2, 3]",
+    b"",
+    b"{\"id\": \"seven\", \"p\": 0, \"payload\": \"x\"}",
+    b"{\"id\": 1, \"p\": 300, \"payload\": \"out of range for UInt8\"}",
+    b"{\"id\": -5, \"p\": 0}",
+];
+
+#[test]
+fn skip_policy_counts_bad_records_and_lands_every_good_one() {
+    let db = unique("it_skip");
+    let topic = unique("skip");
+    let group = unique("g_skip");
+    create_database(&db);
+    ch(&format!("CREATE TABLE {db}.t {SIMPLE_TABLE}"));
+    create_topic(&topic, 2);
+    let prod = TestProducer::new();
+    let good = 2_000u64;
+    let mut bad_sent = 0u64;
+    for id in 0..good {
+        let p = (id % 2) as i32;
+        prod.send(&topic, Some(p), id, &simple_record(id, p));
+        if id % 100 == 50 {
+            let bad = BAD[(bad_sent as usize) % BAD.len()];
+            prod.send(&topic, Some(p), 1_000_000 + bad_sent, bad);
+            bad_sent += 1;
+        }
+    }
+    prod.flush();
+    let cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\non_error = \"skip\"\n"),
+    );
+    let dir = test_dir(&db);
+    let bridge = Bridge::start(&cfg, &dir);
+    assert!(
+        wait_until(Duration::from_secs(60), || ch_u64(&format!(
+            "SELECT count() FROM {db}.t"
+        )) >= good),
+        "good rows did not land; log:\n{}",
+        bridge.log_text()
+    );
+    assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), good);
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT uniqExact(id) FROM {db}.t WHERE id < {good}"
+        )),
+        good
+    );
+    assert_eq!(
+        ch(&format!("SELECT payload FROM {db}.t WHERE id = 1234")),
+        "record number 1234\n"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || bridge
+            .metric("chbridge_records_failed_total", "")
+            == bad_sent as f64),
+        "failed metric {} != {bad_sent} bad records sent",
+        bridge.metric("chbridge_records_failed_total", "")
+    );
+    assert_eq!(
+        bridge.metric("chbridge_records_failed_total", "reason=\"conversion\""),
+        (0..bad_sent).filter(|i| (4..7).contains(&(i % 7))).count() as f64,
+        "conversion failures"
+    );
+    // Skipped records are committed past: the partitions are fully committed.
+    let placement = prod.placement();
+    let ends: Vec<i64> = (0..2)
+        .map(|p| {
+            placement
+                .values()
+                .filter(|(pp, _)| *pp == p)
+                .map(|(_, o)| o + 1)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || committed(&group, &topic, 2)
+            == ends),
+        "committed {:?}, want the partition ends {ends:?}",
+        committed(&group, &topic, 2)
+    );
+    let log = bridge.log_text();
+    assert!(
+        log.contains(&format!("topic=\"{topic}\"")) && log.contains("offset="),
+        "log names where: {log}"
+    );
+    drop(bridge);
+    drop_database(&db);
+}
+
+#[test]
+fn stop_policy_stops_before_the_bad_record_and_commits_up_to_it() {
+    let db = unique("it_stop");
+    let topic = unique("stop");
+    let group = unique("g_stop");
+    create_database(&db);
+    ch(&format!("CREATE TABLE {db}.t {SIMPLE_TABLE}"));
+    create_topic(&topic, 1);
+    let prod = TestProducer::new();
+    for id in 0..100u64 {
+        prod.send(&topic, Some(0), id, &simple_record(id, 0));
+    }
+    prod.send(&topic, Some(0), 999, br#"{"id": 100, "p": "zero"}"#);
+    for id in 101..150u64 {
+        prod.send(&topic, Some(0), id, &simple_record(id, 0));
+    }
+    prod.flush();
+    let bad_offset = prod.placement()[&999].1;
+    assert_eq!(bad_offset, 100);
+
+    let cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\non_error = \"stop\"\n"),
+    );
+    let dir = test_dir(&db);
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let status = bridge
+        .wait(Duration::from_secs(60))
+        .expect("chbridge did not stop on the bad record");
+    let log = bridge.log_text();
+    assert_eq!(status.code(), Some(2), "exit code; log:\n{log}");
+    assert!(
+        log.contains(&format!("record {topic}[0] at offset {bad_offset}"))
+            && log.contains("column `p`"),
+        "the error must say where and which column; log:\n{log}"
+    );
+    // Everything before the bad record landed and is committed; nothing after.
+    assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), 100);
+    assert_eq!(ch_u64(&format!("SELECT max(id) FROM {db}.t")), 99);
+    assert_eq!(committed(&group, &topic, 1), vec![bad_offset]);
+    drop_database(&db);
+}

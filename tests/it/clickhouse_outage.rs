@@ -1,0 +1,104 @@
+//! (c) ClickHouse killed (-9) for 10 s mid-stream: nothing is committed past
+//! what landed while it is down, and every record lands once it is back.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const PARTITIONS: i32 = 4;
+
+#[test]
+fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
+    let name = unique("it_outage");
+    let dir = test_dir(&name);
+    let mut server = PrivateClickHouse::start(&dir);
+    server.sql("CREATE DATABASE it");
+    server.sql(&format!("CREATE TABLE it.t {SIMPLE_TABLE}"));
+    let topic = unique("outage");
+    let group = unique("g_outage");
+    create_topic(&topic, PARTITIONS);
+    let mut cfg = BridgeConfig::new(
+        &group,
+        "it",
+        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
+    );
+    cfg.ch_port = server.http_port;
+    let bridge = Bridge::start(&cfg, &dir);
+
+    // Phase 1 lands and is committed before the outage.
+    let phase1 = 10_000u64;
+    let prod = TestProducer::new();
+    produce_simple(&prod, &topic, PARTITIONS, 0, phase1);
+    prod.flush();
+    let per_partition = (phase1 / PARTITIONS as u64) as i64;
+    assert!(
+        wait_until(Duration::from_secs(60), || committed(
+            &group, &topic, PARTITIONS
+        )
+        .iter()
+        .all(|&o| o == per_partition)),
+        "phase 1 not committed: {:?}; log:\n{}",
+        committed(&group, &topic, PARTITIONS),
+        bridge.log_text()
+    );
+    assert_eq!(
+        server.sql("SELECT count() FROM it.t").trim(),
+        phase1.to_string()
+    );
+
+    // A real crash of ClickHouse while records keep coming.
+    server.kill9();
+    let down = Instant::now();
+    let phase2 = 10_000u64;
+    produce_simple(&prod, &topic, PARTITIONS, phase1, phase2);
+    prod.flush();
+    thread::sleep(Duration::from_secs(3));
+    let early = committed(&group, &topic, PARTITIONS);
+    thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
+    let late = committed(&group, &topic, PARTITIONS);
+    eprintln!("outage: committed {early:?} after 3 s, {late:?} after 10 s, rows before {phase1}");
+    assert!(
+        late.iter().all(|&o| o == per_partition),
+        "offsets moved past what landed while ClickHouse was down: {late:?}"
+    );
+    assert!(
+        bridge.metric("chbridge_insert_retries_total", "") >= 1.0,
+        "no retries were counted while ClickHouse was down"
+    );
+
+    server.restart();
+    let total = phase1 + phase2;
+    let ids = || {
+        server
+            .sql(&format!(
+                "SELECT uniqExact(id) FROM it.t WHERE id < {total}"
+            ))
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || ids() == total),
+        "only {} of {total} ids after ClickHouse came back; log:\n{}",
+        ids(),
+        bridge.log_text()
+    );
+    let all = (total / PARTITIONS as u64) as i64;
+    assert!(
+        wait_until(Duration::from_secs(30), || committed(
+            &group, &topic, PARTITIONS
+        )
+        .iter()
+        .all(|&o| o == all)),
+        "offsets did not catch up: {:?}",
+        committed(&group, &topic, PARTITIONS)
+    );
+    let rows: u64 = server
+        .sql("SELECT count() FROM it.t")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    eprintln!("outage: {rows} rows for {total} ids after recovery");
+    drop(bridge);
+}

@@ -1,0 +1,12 @@
+//! Integration tests against the real local stack (`make test` starts it):
+//! a real ClickHouse server and a real Kafka-protocol broker on 127.0.0.1, and
+//! chbridge run as a real process. Every test uses its own topics, group and
+//! database, and asserts on the rows, counts and committed offsets.
+
+mod common;
+
+mod bad_records;
+mod check;
+mod clickhouse_outage;
+mod end_to_end;
+mod restarts;
