@@ -46,9 +46,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
-    /// Bootstrap servers, comma-separated `host:port`. Env: `CHBRIDGE_KAFKA_BROKERS`.
+    /// Bootstrap servers, comma-separated `host:port`. Required, here or in
+    /// `CHBRIDGE_KAFKA_BROKERS`.
+    #[serde(default)]
     pub brokers: String,
-    /// Consumer group id. Env: `CHBRIDGE_KAFKA_GROUP_ID`.
+    /// Consumer group id. Required, here or in `CHBRIDGE_KAFKA_GROUP_ID`.
+    #[serde(default)]
     pub group_id: String,
     /// Static membership id (`group.instance.id`), e.g. the pod name, so that a
     /// restarted replica gets its partitions back without a rebalance. Default:
@@ -59,7 +62,7 @@ pub struct KafkaConfig {
     #[serde(default = "default_offset_reset")]
     pub auto_offset_reset: OffsetReset,
     /// librdkafka properties passed through as they are (e.g.
-    /// `"security.protocol" = "SASL_SSL"`). Properties that the delivery
+    /// `"security.protocol" = "SASL_SSL", "sasl.mechanism" = "SCRAM-SHA-512"`). Properties that the delivery
     /// guarantee depends on are refused. `sasl.password` can come from
     /// `CHBRIDGE_KAFKA_SASL_PASSWORD`.
     #[serde(default)]

@@ -111,7 +111,7 @@ async fn run(path: &std::path::Path) -> ExitCode {
             tracing::error!("{e:#}");
             let config_problem = matches!(
                 e.downcast_ref::<PipelineError>(),
-                Some(PipelineError::Schema(_)) | None
+                Some(PipelineError::Config(_)) | None
             );
             ExitCode::from(if config_problem { 1 } else { 2 })
         }

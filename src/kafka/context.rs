@@ -82,6 +82,12 @@ impl ClientContext for BridgeContext {
                     .high_watermark
                     .with_label_values(&labels)
                     .set(p.hi_offset);
+                if p.committed_offset >= 0 {
+                    self.metrics
+                        .committed_offset
+                        .with_label_values(&labels)
+                        .set(p.committed_offset);
+                }
                 let base = if p.committed_offset >= 0 {
                     p.committed_offset
                 } else {
@@ -125,24 +131,13 @@ impl ConsumerContext for BridgeContext {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                self.metrics.commits.with_label_values(&["ok"]).inc();
-                for e in offsets.elements() {
-                    if let rdkafka::Offset::Offset(o) = e.offset() {
-                        self.metrics
-                            .committed_offset
-                            .with_label_values(&[e.topic(), &e.partition().to_string()])
-                            .set(o);
-                    }
-                }
-            }
+    /// Reports failed commits. Successful ones show in `chbridge_committed_offset`,
+    /// which comes from librdkafka's statistics (its view of what the broker stored).
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
             // Nothing is lost: the next commit carries a position at least as high.
-            Err(e) => {
-                self.metrics.commits.with_label_values(&["error"]).inc();
-                tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
-            }
+            self.metrics.commits.with_label_values(&["failed"]).inc();
+            tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
         }
     }
 }

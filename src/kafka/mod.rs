@@ -20,7 +20,8 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("fetch.queue.backoff.ms", "10")
         // Bound librdkafka's own prefetch memory (default 64 MiB).
         .set("queued.max.messages.kbytes", "32768")
-        .set("statistics.interval.ms", "5000");
+        // Lag and committed-offset metrics come from librdkafka's statistics.
+        .set("statistics.interval.ms", "2000");
     for (k, v) in cfg.properties.iter() {
         c.set(k, v);
     }

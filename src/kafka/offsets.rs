@@ -137,14 +137,17 @@ impl OffsetTracker {
             .unwrap_or(0)
     }
 
-    /// Positions to commit: those that moved since the last call, or all when `all`.
-    /// They are taken as committed; a failed commit is repeated by the next
-    /// synchronous commit, which passes `all`.
-    pub fn take_commits(&mut self, all: bool) -> Vec<(PartitionKey, i64)> {
+    /// Positions to commit: with `None`, those that moved since they were
+    /// last taken; with `Some(keys)`, those of `keys` whether they moved or not
+    /// (a synchronous commit, which also repeats a failed asynchronous one).
+    pub fn take_commits(&mut self, only: Option<&[PartitionKey]>) -> Vec<(PartitionKey, i64)> {
         let mut out = Vec::new();
         for (key, p) in &mut self.parts {
+            if only.is_some_and(|o| !o.contains(key)) {
+                continue;
+            }
             if let Some(pos) = p.position() {
-                if all || p.committed != Some(pos) {
+                if only.is_some() || p.committed != Some(pos) {
                     p.committed = Some(pos);
                     out.push((*key, pos));
                 }
@@ -225,11 +228,19 @@ mod tests {
     }
 
     #[test]
-    fn commits_are_taken_once_unless_all_are_asked() {
+    fn commits_are_taken_once_unless_asked_for_by_key() {
+        let p1 = PartitionKey {
+            topic: 0,
+            partition: 1,
+        };
         let mut t = OffsetTracker::default();
         t.consumed(P0, 0);
-        assert_eq!(t.take_commits(false), vec![(P0, 1)]);
-        assert_eq!(t.take_commits(false), vec![]);
-        assert_eq!(t.take_commits(true), vec![(P0, 1)]);
+        t.consumed(p1, 7);
+        assert_eq!(t.take_commits(None), vec![(P0, 1), (p1, 8)]);
+        assert_eq!(t.take_commits(None), vec![]);
+        t.consumed(p1, 8);
+        // A synchronous commit of P0 alone must not mark p1's new position as taken.
+        assert_eq!(t.take_commits(Some(&[P0])), vec![(P0, 1)]);
+        assert_eq!(t.take_commits(None), vec![(p1, 9)]);
     }
 }

@@ -4,8 +4,8 @@
 //! small fixed set of reasons or error classes.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -28,9 +28,9 @@ pub struct Metrics {
     pub insert_errors: IntCounterVec,
     /// Insert attempts repeated after a transient failure, by table.
     pub insert_retries: IntCounterVec,
-    /// Offset last committed, by topic and partition.
+    /// Offset last committed, by topic and partition (librdkafka's statistics).
     pub committed_offset: IntGaugeVec,
-    /// Commit requests, by result (ok, error).
+    /// Commit requests, by result (sent, failed).
     pub commits: IntCounterVec,
     /// High watermark seen in fetch responses, by topic and partition.
     pub high_watermark: IntGaugeVec,
@@ -171,7 +171,7 @@ impl Metrics {
             commits: counter(
                 &r,
                 "chbridge_commits_total",
-                "Offset commit requests by result",
+                "Offset commit requests sent, and those that failed",
                 &["result"],
             ),
             high_watermark: gauge_vec(
@@ -238,11 +238,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
-}
-
-/// A counter handle cached per (topic, table) so the hot path does not look labels up.
-pub fn counter_for(vec: &IntCounterVec, labels: &[&str]) -> IntCounter {
-    vec.with_label_values(labels)
 }
 
 #[cfg(test)]

@@ -124,6 +124,9 @@ pub struct Core {
     closing: bool,
     /// The first fatal error; once set the loop drains and stops.
     fatal: Option<PipelineError>,
+    /// Segments of batches ClickHouse refused: they stay held for good, so a
+    /// drain waits for everything else only.
+    refused: Vec<Segment>,
     metrics: Arc<Metrics>,
 }
 
@@ -171,6 +174,7 @@ impl Core {
             paused: false,
             closing: false,
             fatal: None,
+            refused: Vec::new(),
             metrics,
         }
     }
@@ -217,7 +221,11 @@ impl Core {
                         table.oldest_timestamp_ms =
                             Some(table.oldest_timestamp_ms.map_or(ts, |o| o.min(ts)));
                     }
-                    if !table.segments.iter().any(|s| s.key == key) {
+                    if !table
+                        .segments
+                        .iter()
+                        .any(|s| s.key == key && s.generation == generation)
+                    {
                         let seg = self.tracker.hold(key, generation, rec.offset);
                         table.segments.push(seg);
                     }
@@ -325,6 +333,7 @@ impl Core {
                 // The batch's offsets stay held: nothing at or above its first
                 // offset in any of its partitions will be committed.
                 let table = self.tables[batch.table].name.clone();
+                self.refused.extend_from_slice(&batch.segments);
                 if self.fatal.is_none() {
                     self.fatal = Some(self.insert_failure(&table, &batch, error));
                 }
@@ -423,12 +432,9 @@ impl Core {
     /// or all of `only` (revocation, shutdown; synchronous).
     fn commit(&mut self, consumer: &Consumer, mode: CommitMode, only: Option<&[PartitionKey]>) {
         self.last_commit = Instant::now();
-        let positions = self.tracker.take_commits(only.is_some());
+        let positions = self.tracker.take_commits(only);
         let mut tpl = TopicPartitionList::new();
         for (key, offset) in positions {
-            if only.is_some_and(|o| !o.contains(&key)) {
-                continue;
-            }
             let topic = &self.topics[key.topic as usize].name;
             if let Err(e) = tpl.add_partition_offset(topic, key.partition, Offset::Offset(offset)) {
                 tracing::warn!(topic, partition = key.partition, error = %e, "bad commit offset");
@@ -437,8 +443,9 @@ impl Core {
         if tpl.count() == 0 {
             return;
         }
+        self.metrics.commits.with_label_values(&["sent"]).inc();
         if let Err(e) = consumer.commit(&tpl, mode) {
-            self.metrics.commits.with_label_values(&["error"]).inc();
+            self.metrics.commits.with_label_values(&["failed"]).inc();
             tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
         } else if matches!(mode, CommitMode::Sync) {
             tracing::debug!(partitions = tpl.count(), "committed synchronously");

@@ -25,8 +25,10 @@ use crate::sink::{self, ClickHouseWriter, InsertError, TableSink};
 /// Why the pipeline stopped before being asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// The configuration does not fit the servers (bad librdkafka property,
+    /// missing or unfillable table, ClickHouse unreachable at start).
     #[error("{0}")]
-    Schema(String),
+    Config(String),
     #[error("Kafka: {0}")]
     Kafka(String),
     #[error(
@@ -83,7 +85,7 @@ pub async fn load_tables(
             None => {
                 let s = schema::load_table(client, &db, &t)
                     .await
-                    .map_err(|e| PipelineError::Schema(format!("routes[{i}]: {e}")))?;
+                    .map_err(|e| PipelineError::Config(format!("routes[{i}]: {e}")))?;
                 schemas.push(s);
                 index.insert((db, t), schemas.len() - 1);
                 schemas.len() - 1
@@ -93,7 +95,7 @@ pub async fn load_tables(
     }
     let problems: Vec<String> = schemas.iter().flat_map(TableSchema::problems).collect();
     if !problems.is_empty() {
-        return Err(PipelineError::Schema(problems.join("\n")));
+        return Err(PipelineError::Config(problems.join("\n")));
     }
     Ok((schemas, route_tables))
 }
@@ -163,7 +165,7 @@ pub async fn run(
 
     let consumer: Consumer = crate::kafka::client_config(&config.kafka)
         .create_with_context(BridgeContext::new(core, metrics.clone(), health.clone()))
-        .map_err(|e| PipelineError::Kafka(format!("cannot create the consumer: {e}")))?;
+        .map_err(|e| PipelineError::Config(format!("cannot create the Kafka consumer: {e}")))?;
     let names: Vec<&str> = topic_names.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
@@ -260,7 +262,9 @@ fn consumer_loop(
         (drained, core.take_fatal())
     };
     // Dropping the consumer closes it: it leaves the group so the partitions
-    // move to another member at once instead of after the session timeout.
+    // move to another member at once instead of after the session timeout
+    // (with static membership librdkafka does not leave: the same instance id
+    // is expected back, and gets its partitions without a rebalance).
     drop(consumer);
     match fatal {
         Some(e) => Err(e),

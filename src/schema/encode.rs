@@ -23,6 +23,9 @@ const DATE_MAX_DAYS: i64 = u16::MAX as i64;
 /// `Date32` covers 1900-01-01 ..= 2299-12-31.
 const DATE32_MIN_DAYS: i64 = -25_567;
 const DATE32_MAX_DAYS: i64 = 120_529;
+/// `DateTime64` covers 1900-01-01 00:00:00 ..= 2299-12-31 23:59:59.
+const DATETIME64_MIN_SECS: i128 = -2_208_988_800;
+const DATETIME64_MAX_SECS: i128 = 10_413_791_999;
 
 pub fn write_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -199,6 +202,14 @@ fn write_nanos(ty: &ColumnType, nanos: i128, out: &mut Vec<u8>) -> ConvertResult
             }
         }
         ColumnType::DateTime64 { precision, .. } => {
+            let secs = nanos.div_euclid(1_000_000_000);
+            if !(DATETIME64_MIN_SECS..=DATETIME64_MAX_SECS).contains(&secs) {
+                return err(format!(
+                    "{secs} seconds since 1970 is out of range for {ty} (1900-01-01 to \
+                     2299-12-31); numbers are epoch seconds: milliseconds must be sent as \
+                     a fraction (1700000000.123) or an RFC 3339 string"
+                ));
+            }
             let ticks = nanos.div_euclid(scale(9 - precision));
             match i64::try_from(ticks) {
                 Ok(v) => out.extend_from_slice(&v.to_le_bytes()),
@@ -388,6 +399,9 @@ mod tests {
             enc(|o| write_datetime_secs(&dt64, 1_706_698_800.123, o)),
             Ok(1_706_698_800_123i64.to_le_bytes().to_vec())
         );
+        // Epoch milliseconds mistaken for seconds land in year 55000: refused.
+        let e = enc(|o| write_datetime_int(&dt64, 1_706_698_800_123, o)).unwrap_err();
+        assert!(e.0.contains("out of range"), "{e}");
     }
 
     #[test]

@@ -143,3 +143,55 @@ fn stop_policy_stops_before_the_bad_record_and_commits_up_to_it() {
     assert_eq!(committed(&group, &topic, 1), vec![bad_offset]);
     drop_database(&db);
 }
+
+#[test]
+fn a_batch_clickhouse_refuses_stops_the_bridge_without_committing_it() {
+    let db = unique("it_refused");
+    let topic = unique("refused");
+    let group = unique("g_refused");
+    create_database(&db);
+    // The decoder cannot know this rule: ClickHouse refuses the whole batch (code 469).
+    ch(&format!(
+        "CREATE TABLE {db}.t (id UInt64, p UInt8, payload String, \
+         CONSTRAINT small_ids CHECK id < 1000) ENGINE = MergeTree ORDER BY id"
+    ));
+    create_topic(&topic, 1);
+    let prod = TestProducer::new();
+    produce_simple(&prod, &topic, 1, 0, 500);
+    prod.flush();
+    let mut cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
+    );
+    cfg.extra = String::new();
+    let dir = test_dir(&db);
+    let mut bridge = Bridge::start(&cfg, &dir);
+    assert!(
+        wait_until(Duration::from_secs(60), || committed(&group, &topic, 1)
+            == vec![500]),
+        "the good batch was not committed; log:\n{}",
+        bridge.log_text()
+    );
+    produce_simple(&prod, &topic, 1, 500, 1000);
+    prod.flush();
+    let status = bridge
+        .wait(Duration::from_secs(60))
+        .expect("chbridge did not stop");
+    let log = bridge.log_text();
+    assert_eq!(status.code(), Some(2), "log:\n{log}");
+    assert!(
+        log.contains(&format!("ClickHouse refused a batch"))
+            && log.contains(&format!("{db}.t"))
+            && log.contains("Code: 469")
+            && log.contains(&format!("{topic}[0] from offset 500")),
+        "the error must name the table, the cause and the records; log:\n{log}"
+    );
+    assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), 500);
+    assert_eq!(
+        committed(&group, &topic, 1),
+        vec![500],
+        "nothing of the refused batch is committed"
+    );
+    drop_database(&db);
+}

@@ -193,6 +193,26 @@ table = "t_all"
             committed(&group, topic, PARTITIONS)
         );
     }
+    // The metrics show the same: committed offsets and zero lag per partition.
+    for topic in [&topic_a, &topic_b] {
+        let filter = format!("topic=\"{topic}\"");
+        assert!(
+            wait_until(Duration::from_secs(15), || bridge
+                .metric("chbridge_committed_offset{", &filter)
+                == PER_TOPIC as f64
+                && bridge.metric("chbridge_consumer_lag{", &filter) == 0.0
+                && bridge.metric("chbridge_high_watermark_offset{", &filter)
+                    == PER_TOPIC as f64),
+            "metrics of {topic}: committed {}, lag {}, high watermark {}",
+            bridge.metric("chbridge_committed_offset{", &filter),
+            bridge.metric("chbridge_consumer_lag{", &filter),
+            bridge.metric("chbridge_high_watermark_offset{", &filter)
+        );
+    }
+    assert_eq!(
+        bridge.metric("chbridge_rows_inserted_total{", ""),
+        (total + PER_TOPIC) as f64
+    );
     let consumed = bridge.metric("chbridge_records_consumed_total", "");
     assert_eq!(consumed, total as f64, "records consumed metric");
     drop(bridge);

@@ -47,7 +47,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
     let mut bridge = Bridge::start(&cfg, &dir);
     let count = || ch_u64(&format!("SELECT count() FROM {db}.t"));
     assert!(
-        wait_until(Duration::from_secs(60), || count() >= 8_000),
+        wait_until(Duration::from_secs(60), || count() >= 16_000),
         "no rows before the kill; log:\n{}",
         bridge.log_text()
     );
