@@ -138,3 +138,49 @@ fn sigterm_drains_commits_and_restart_reads_nothing_twice() {
     drop(bridge);
     drop_database(&db);
 }
+
+#[test]
+fn replicas_joining_and_leaving_rebalance_without_loss_or_duplicates() {
+    let (db, topic, group, cfg_a) = setup("rebalance");
+    let dir = test_dir(&db);
+    let total = 40_000u64;
+    let producer = produce_steadily(topic.clone(), total, 8.0);
+    let count = || ch_u64(&format!("SELECT count() FROM {db}.t"));
+    let a = Bridge::start(&cfg_a, &dir);
+    assert!(wait_until(Duration::from_secs(60), || count() >= 4_000), "log:\n{}", a.log_text());
+
+    // A second replica joins: some partitions are revoked from the first,
+    // which drains and commits them before they move.
+    let mut cfg_b = BridgeConfig::new(&group, &db, &cfg_a.routes);
+    cfg_b.routes = cfg_a.routes.clone();
+    let mut b = Bridge::start(&cfg_b, &dir);
+    assert!(
+        wait_until(Duration::from_secs(30), || b.metric("chbridge_assigned_partitions", "") >= 1.0),
+        "the second replica got no partitions; log:\n{}",
+        b.log_text()
+    );
+    let b_rows_at_join = count();
+    assert!(wait_until(Duration::from_secs(30), || count() >= b_rows_at_join + 4_000));
+    // It leaves again: its partitions go back to the first replica.
+    b.signal(libc::SIGTERM);
+    let status = b.wait(Duration::from_secs(30)).expect("replica b did not stop");
+    assert_eq!(status.code(), Some(0), "log:\n{}", b.log_text());
+    producer.join().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(120), || count() >= total),
+        "only {} of {total} rows; log:\n{}",
+        count(),
+        a.log_text()
+    );
+    thread::sleep(Duration::from_secs(2));
+    let revoked = a.metric("chbridge_rebalances_total", "kind=\"revoke\"");
+    eprintln!(
+        "rebalance: {} rows for {total} ids; replica a saw {revoked} revocations",
+        count()
+    );
+    assert!(revoked >= 1.0, "replica a never had partitions revoked");
+    assert_eq!(ch_u64(&format!("SELECT uniqExact(id) FROM {db}.t")), total, "lost records");
+    assert_eq!(count(), total, "rebalances duplicated records");
+    drop(a);
+    drop_database(&db);
+}
