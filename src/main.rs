@@ -66,13 +66,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads and validates the configuration, or says why not (exit code 1).
+fn load(path: &std::path::Path, command: &str) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("chbridge {command}: {e}");
+        ExitCode::from(1)
+    })
+}
+
 async fn check(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match load(path, "check") {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("chbridge check: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     println!("config: {} is valid", path.display());
     let report = chbridge::check::check(&config).await;
@@ -90,12 +95,9 @@ async fn check(path: &std::path::Path) -> ExitCode {
 }
 
 async fn run(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match load(path, "run") {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("chbridge run: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     observability::logging::init(config.log.format, &config.log.level);
     match run_bridge(config).await {

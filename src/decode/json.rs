@@ -298,17 +298,7 @@ impl TypedVisitor<'_> {
                 Ok(d) => encode::write_date_days(self.ty, d, self.out),
                 Err(_) => Err(ConvertError(format!("{v} is out of range for {}", self.ty))),
             },
-            ColumnType::Int8
-            | ColumnType::Int16
-            | ColumnType::Int32
-            | ColumnType::Int64
-            | ColumnType::UInt8
-            | ColumnType::UInt16
-            | ColumnType::UInt32
-            | ColumnType::UInt64
-            | ColumnType::Float32
-            | ColumnType::Float64
-            | ColumnType::Bool => encode::write_int(self.ty, v, self.out),
+            t if t.is_numeric() => encode::write_int(self.ty, v, self.out),
             _ => return self.wrong(&format!("the number {v}")),
         };
         self.done(r)
@@ -332,15 +322,7 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Filled, E> {
         match self.ty {
-            ColumnType::Bool
-            | ColumnType::Int8
-            | ColumnType::Int16
-            | ColumnType::Int32
-            | ColumnType::Int64
-            | ColumnType::UInt8
-            | ColumnType::UInt16
-            | ColumnType::UInt32
-            | ColumnType::UInt64 => self.int(i128::from(v)),
+            t if t.is_integer() || *t == ColumnType::Bool => self.int(i128::from(v)),
             _ => self.wrong(&format!("the boolean {v}")),
         }
     }
@@ -359,16 +341,9 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
             ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
                 encode::write_datetime_secs(self.ty, v, self.out)
             }
-            ColumnType::Int8
-            | ColumnType::Int16
-            | ColumnType::Int32
-            | ColumnType::Int64
-            | ColumnType::UInt8
-            | ColumnType::UInt16
-            | ColumnType::UInt32
-            | ColumnType::UInt64
-            | ColumnType::Float32
-            | ColumnType::Float64 => encode::write_float(self.ty, v, self.out),
+            t if t.is_numeric() && *t != ColumnType::Bool => {
+                encode::write_float(self.ty, v, self.out)
+            }
             _ => return self.wrong(&format!("the number {v}")),
         };
         self.done(r)
@@ -388,17 +363,7 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
             }
             ColumnType::Uuid => encode::write_uuid(v, self.out),
             ColumnType::IPv4 => encode::write_ipv4(v, self.out),
-            ColumnType::Int8
-            | ColumnType::Int16
-            | ColumnType::Int32
-            | ColumnType::Int64
-            | ColumnType::UInt8
-            | ColumnType::UInt16
-            | ColumnType::UInt32
-            | ColumnType::UInt64
-            | ColumnType::Float32
-            | ColumnType::Float64
-            | ColumnType::Bool => encode::write_numeric_str(self.ty, v, self.out),
+            t if t.is_numeric() => encode::write_numeric_str(self.ty, v, self.out),
             _ => return self.wrong(&format!("the string {v:?}")),
         };
         self.done(r)

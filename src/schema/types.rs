@@ -69,6 +69,31 @@ impl ColumnType {
         }
     }
 
+    /// (U)Int8..64: values convert from integers and numeric strings.
+    pub fn is_integer(&self) -> bool {
+        matches!(
+            self,
+            ColumnType::Int8
+                | ColumnType::Int16
+                | ColumnType::Int32
+                | ColumnType::Int64
+                | ColumnType::UInt8
+                | ColumnType::UInt16
+                | ColumnType::UInt32
+                | ColumnType::UInt64
+        )
+    }
+
+    /// Integers, floats and Bool: the types `encode::write_int` and
+    /// `encode::write_numeric_str` write.
+    pub fn is_numeric(&self) -> bool {
+        self.is_integer()
+            || matches!(
+                self,
+                ColumnType::Float32 | ColumnType::Float64 | ColumnType::Bool
+            )
+    }
+
     pub fn is_nullable(&self) -> bool {
         match self {
             ColumnType::Nullable(_) => true,

@@ -17,12 +17,7 @@ const BAD: &[&[u8]] = &[
 
 #[test]
 fn skip_policy_counts_bad_records_and_lands_every_good_one() {
-    let db = unique("it_skip");
-    let topic = unique("skip");
-    let group = unique("g_skip");
-    create_database(&db);
-    ch(&format!("CREATE TABLE {db}.t {SIMPLE_TABLE}"));
-    create_topic(&topic, 2);
+    let (db, topic, group, cfg) = simple_setup("skip", 2, "on_error = \"skip\"");
     let prod = TestProducer::new();
     let good = 2_000u64;
     let mut bad_sent = 0u64;
@@ -36,11 +31,6 @@ fn skip_policy_counts_bad_records_and_lands_every_good_one() {
         }
     }
     prod.flush();
-    let cfg = BridgeConfig::new(
-        &group,
-        &db,
-        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\non_error = \"skip\"\n"),
-    );
     let dir = test_dir(&db);
     let bridge = Bridge::start(&cfg, &dir);
     assert!(
@@ -102,12 +92,7 @@ fn skip_policy_counts_bad_records_and_lands_every_good_one() {
 
 #[test]
 fn stop_policy_stops_before_the_bad_record_and_commits_up_to_it() {
-    let db = unique("it_stop");
-    let topic = unique("stop");
-    let group = unique("g_stop");
-    create_database(&db);
-    ch(&format!("CREATE TABLE {db}.t {SIMPLE_TABLE}"));
-    create_topic(&topic, 1);
+    let (db, topic, group, cfg) = simple_setup("stop", 1, "on_error = \"stop\"");
     let prod = TestProducer::new();
     for id in 0..100u64 {
         prod.send(&topic, Some(0), id, &simple_record(id, 0));
@@ -120,11 +105,6 @@ fn stop_policy_stops_before_the_bad_record_and_commits_up_to_it() {
     let bad_offset = prod.placement()[&999].1;
     assert_eq!(bad_offset, 100);
 
-    let cfg = BridgeConfig::new(
-        &group,
-        &db,
-        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\non_error = \"stop\"\n"),
-    );
     let dir = test_dir(&db);
     let mut bridge = Bridge::start(&cfg, &dir);
     let status = bridge
@@ -159,12 +139,11 @@ fn a_batch_clickhouse_refuses_stops_the_bridge_without_committing_it() {
     let prod = TestProducer::new();
     produce_simple(&prod, &topic, 1, 0, 500);
     prod.flush();
-    let mut cfg = BridgeConfig::new(
+    let cfg = BridgeConfig::new(
         &group,
         &db,
         &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
     );
-    cfg.extra = String::new();
     let dir = test_dir(&db);
     let mut bridge = Bridge::start(&cfg, &dir);
     assert!(

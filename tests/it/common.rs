@@ -519,3 +519,24 @@ pub fn create_database(name: &str) {
 pub fn drop_database(name: &str) {
     ch(&format!("DROP DATABASE IF EXISTS {name}"));
 }
+
+/// A fresh database with the simple table `t`, a topic with `partitions`, a
+/// group, and a config routing the topic to `t` (`route_extra`: more route keys).
+pub fn simple_setup(
+    name: &str,
+    partitions: i32,
+    route_extra: &str,
+) -> (String, String, String, BridgeConfig) {
+    let db = unique(&format!("it_{name}"));
+    let topic = unique(name);
+    let group = unique(&format!("g_{name}"));
+    create_database(&db);
+    ch(&format!("CREATE TABLE {db}.t {SIMPLE_TABLE}"));
+    create_topic(&topic, partitions);
+    let cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n{route_extra}\n"),
+    );
+    (db, topic, group, cfg)
+}

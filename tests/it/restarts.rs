@@ -23,24 +23,9 @@ fn produce_steadily(topic: String, count: u64, seconds: f64) -> thread::JoinHand
     })
 }
 
-fn setup(name: &str) -> (String, String, String, BridgeConfig) {
-    let db = unique(&format!("it_{name}"));
-    let topic = unique(name);
-    let group = unique(&format!("g_{name}"));
-    create_database(&db);
-    ch(&format!("CREATE TABLE {db}.t {SIMPLE_TABLE}"));
-    create_topic(&topic, PARTITIONS);
-    let cfg = BridgeConfig::new(
-        &group,
-        &db,
-        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
-    );
-    (db, topic, group, cfg)
-}
-
 #[test]
 fn kill_9_mid_stream_then_restart_loses_nothing() {
-    let (db, topic, _group, cfg) = setup("kill9");
+    let (db, topic, _group, cfg) = simple_setup("kill9", PARTITIONS, "");
     let dir = test_dir(&db);
     let total = 40_000u64;
     let producer = produce_steadily(topic.clone(), total, 6.0);
@@ -79,7 +64,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
 
 #[test]
 fn sigterm_drains_commits_and_restart_reads_nothing_twice() {
-    let (db, topic, group, cfg) = setup("sigterm");
+    let (db, topic, group, cfg) = simple_setup("sigterm", PARTITIONS, "");
     let dir = test_dir(&db);
     let total = 30_000u64;
     let producer = produce_steadily(topic.clone(), total, 5.0);
@@ -141,29 +126,37 @@ fn sigterm_drains_commits_and_restart_reads_nothing_twice() {
 
 #[test]
 fn replicas_joining_and_leaving_rebalance_without_loss_or_duplicates() {
-    let (db, topic, group, cfg_a) = setup("rebalance");
+    let (db, topic, group, cfg_a) = simple_setup("rebalance", PARTITIONS, "");
     let dir = test_dir(&db);
     let total = 40_000u64;
     let producer = produce_steadily(topic.clone(), total, 8.0);
     let count = || ch_u64(&format!("SELECT count() FROM {db}.t"));
     let a = Bridge::start(&cfg_a, &dir);
-    assert!(wait_until(Duration::from_secs(60), || count() >= 4_000), "log:\n{}", a.log_text());
+    assert!(
+        wait_until(Duration::from_secs(60), || count() >= 4_000),
+        "log:\n{}",
+        a.log_text()
+    );
 
     // A second replica joins: some partitions are revoked from the first,
     // which drains and commits them before they move.
-    let mut cfg_b = BridgeConfig::new(&group, &db, &cfg_a.routes);
-    cfg_b.routes = cfg_a.routes.clone();
+    let cfg_b = BridgeConfig::new(&group, &db, &cfg_a.routes);
     let mut b = Bridge::start(&cfg_b, &dir);
     assert!(
-        wait_until(Duration::from_secs(30), || b.metric("chbridge_assigned_partitions", "") >= 1.0),
+        wait_until(Duration::from_secs(30), || b
+            .metric("chbridge_assigned_partitions", "")
+            >= 1.0),
         "the second replica got no partitions; log:\n{}",
         b.log_text()
     );
     let b_rows_at_join = count();
-    assert!(wait_until(Duration::from_secs(30), || count() >= b_rows_at_join + 4_000));
+    assert!(wait_until(Duration::from_secs(30), || count()
+        >= b_rows_at_join + 4_000));
     // It leaves again: its partitions go back to the first replica.
     b.signal(libc::SIGTERM);
-    let status = b.wait(Duration::from_secs(30)).expect("replica b did not stop");
+    let status = b
+        .wait(Duration::from_secs(30))
+        .expect("replica b did not stop");
     assert_eq!(status.code(), Some(0), "log:\n{}", b.log_text());
     producer.join().unwrap();
     assert!(
@@ -179,7 +172,11 @@ fn replicas_joining_and_leaving_rebalance_without_loss_or_duplicates() {
         count()
     );
     assert!(revoked >= 1.0, "replica a never had partitions revoked");
-    assert_eq!(ch_u64(&format!("SELECT uniqExact(id) FROM {db}.t")), total, "lost records");
+    assert_eq!(
+        ch_u64(&format!("SELECT uniqExact(id) FROM {db}.t")),
+        total,
+        "lost records"
+    );
     assert_eq!(count(), total, "rebalances duplicated records");
     drop(a);
     drop_database(&db);
