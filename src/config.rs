@@ -621,6 +621,19 @@ table = "analytics.events"
     }
 
     #[test]
+    fn shipped_example_configs_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for file in [
+            "config/example.toml",
+            "config/multi-route.toml",
+            "deploy/compose/chbridge.toml",
+        ] {
+            let c = Config::load(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(!c.routes.is_empty(), "{file}");
+        }
+    }
+
+    #[test]
     fn validation_names_the_bad_key() {
         let mut c = Config::parse(MINIMAL).unwrap();
         c.routes[0].table = "a.b.c".into();
