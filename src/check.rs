@@ -23,7 +23,10 @@ pub async fn check(config: &Config) -> Report {
     // Kafka: reachable, and every topic exists.
     let kafka = crate::kafka::client_config(&config.kafka);
     match kafka.create::<BaseConsumer>() {
-        Err(e) => problems.push(format!("kafka: cannot create a client: {e}")),
+        Err(e) => problems.push(format!(
+            "kafka: cannot create a client: {}",
+            crate::kafka::describe_client_error(&e)
+        )),
         Ok(consumer) => {
             let topics = config.topics();
             let found = tokio::task::spawn_blocking(move || {

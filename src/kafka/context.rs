@@ -133,11 +133,15 @@ impl ConsumerContext for BridgeContext {
 
     /// Reports failed commits. Successful ones show in `chbridge_committed_offset`,
     /// which comes from librdkafka's statistics (its view of what the broker stored).
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = result {
-            // Nothing is lost: the next commit carries a position at least as high.
             self.metrics.commits.with_label_values(&["failed"]).inc();
             tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
+            // Served inside `poll`, where the loop does not hold the lock; if it
+            // ever were held, the next synchronous commit repeats all positions.
+            if let Ok(mut core) = self.core.try_lock() {
+                core.commit_failed(offsets);
+            }
         }
     }
 }

@@ -4,8 +4,9 @@ pub mod context;
 pub mod offsets;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, Properties};
 
 /// Builds the librdkafka configuration. User properties come first; the
 /// settings the delivery guarantee depends on are then forced (and
@@ -38,6 +39,21 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Describes an error from creating a client without the offending
+/// property's value: rdkafka's own message includes it, and it may be a secret.
+pub fn describe_client_error(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, _, key, _) if Properties::is_secret(key) => format!(
+            "librdkafka refused the property `{key}` (its value is not shown: it may be a \
+             secret); check its name and value in kafka.properties"
+        ),
+        KafkaError::ClientConfig(_, desc, key, _) => {
+            format!("librdkafka refused the property `{key}` in kafka.properties: {desc}")
+        }
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +78,35 @@ mod tests {
         assert_eq!(
             c.get("partition.assignment.strategy"),
             Some("cooperative-sticky")
+        );
+    }
+
+    #[test]
+    fn client_errors_never_show_secret_values() {
+        let mut props = std::collections::BTreeMap::new();
+        props.insert(
+            "sasl.jaas.config".to_string(),
+            "org.apache.kafka... password=\"hunter2\";".to_string(),
+        );
+        let cfg = KafkaConfig {
+            brokers: "b:9092".into(),
+            group_id: "g".into(),
+            instance_id: None,
+            auto_offset_reset: OffsetReset::Earliest,
+            properties: Properties(props),
+        };
+        let err = client_config(&cfg)
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .err()
+            .expect("librdkafka refuses sasl.jaas.config");
+        assert!(
+            err.to_string().contains("hunter2"),
+            "rdkafka's own message shows it"
+        );
+        let shown = describe_client_error(&err);
+        assert!(
+            shown.contains("sasl.jaas.config") && !shown.contains("hunter2"),
+            "{shown}"
         );
     }
 }

@@ -157,6 +157,13 @@ impl OffsetTracker {
         out
     }
 
+    /// Makes the next commit carry `key`'s position even if it did not move.
+    pub fn forget_committed(&mut self, key: PartitionKey) {
+        if let Some(p) = self.parts.get_mut(&key) {
+            p.committed = None;
+        }
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = PartitionKey> + '_ {
         self.parts.keys().copied()
     }

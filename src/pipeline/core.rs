@@ -127,7 +127,19 @@ pub struct Core {
     /// Segments of batches ClickHouse refused: they stay held for good, so a
     /// drain waits for everything else only.
     refused: Vec<Segment>,
+    /// The batches the record being placed went into (reused per record).
+    undo: Vec<Undo>,
     metrics: Arc<Metrics>,
+}
+
+/// A table's batch state before a record was appended to it.
+struct Undo {
+    table: usize,
+    body_len: usize,
+    rows: usize,
+    segments: usize,
+    opened: Option<Instant>,
+    oldest_timestamp_ms: Option<i64>,
 }
 
 /// One record as the core needs it, borrowed from the consumer's message.
@@ -175,6 +187,7 @@ impl Core {
             closing: false,
             fatal: None,
             refused: Vec::new(),
+            undo: Vec::new(),
             metrics,
         }
     }
@@ -203,11 +216,19 @@ impl Core {
         let generation = self.tracker.generation(key);
         let ti = key.topic as usize;
         self.topics[ti].consumed.inc();
+        self.undo.clear();
         for i in 0..self.topics[ti].routes.len() {
             let route = &mut self.routes[self.topics[ti].routes[i]];
             let table_idx = route.table;
             let table = &mut self.tables[table_idx];
-            let before = table.body.len();
+            let before = Undo {
+                table: table_idx,
+                body_len: table.body.len(),
+                rows: table.rows,
+                segments: table.segments.len(),
+                opened: table.opened,
+                oldest_timestamp_ms: table.oldest_timestamp_ms,
+            };
             match route.decoder.decode(rec.value, &mut table.body) {
                 Ok(()) => {
                     if table.rows == 0 {
@@ -229,12 +250,8 @@ impl Core {
                         let seg = self.tracker.hold(key, generation, rec.offset);
                         table.segments.push(seg);
                     }
-                    self.buffered_bytes += table.body.len() - before;
-                    if table.rows >= self.limits.max_rows
-                        || table.body.len() >= self.limits.max_bytes
-                    {
-                        self.close_batch(table_idx);
-                    }
+                    self.buffered_bytes += table.body.len() - before.body_len;
+                    self.undo.push(before);
                 }
                 Err(error) => {
                     let reason = error.kind.as_str();
@@ -263,6 +280,7 @@ impl Core {
                                 table: table.name.clone(),
                                 error,
                             });
+                            self.take_back_record();
                             return;
                         }
                     }
@@ -270,6 +288,30 @@ impl Core {
             }
         }
         self.tracker.consumed(key, rec.offset);
+        for u in 0..self.undo.len() {
+            let ti = self.undo[u].table;
+            let t = &self.tables[ti];
+            if t.rows >= self.limits.max_rows || t.body.len() >= self.limits.max_bytes {
+                self.close_batch(ti);
+            }
+        }
+    }
+
+    /// Removes the current record from the batches of the routes that took it
+    /// before another route stopped on it, so that the stop leaves no row of a
+    /// record whose offset is not committed (a restart would repeat it).
+    fn take_back_record(&mut self) {
+        while let Some(u) = self.undo.pop() {
+            let t = &mut self.tables[u.table];
+            self.buffered_bytes -= t.body.len() - u.body_len;
+            t.body.truncate(u.body_len);
+            t.rows = u.rows;
+            t.opened = u.opened;
+            t.oldest_timestamp_ms = u.oldest_timestamp_ms;
+            for seg in t.segments.drain(u.segments..) {
+                self.tracker.release(&seg);
+            }
+        }
     }
 
     /// Closes table `ti`'s open batch and hands it to its sink (or keeps it
@@ -280,6 +322,10 @@ impl Core {
             return;
         }
         t.capacity_hint = t.body.len().max(64 * 1024);
+        // `Bytes` keeps the whole allocation: give back what a burst reserved.
+        if t.body.capacity() > t.body.len() + t.body.len() / 4 {
+            t.body.shrink_to_fit();
+        }
         let batch = ReadyBatch {
             table: ti,
             rows: std::mem::take(&mut t.rows),
@@ -384,6 +430,16 @@ impl Core {
         if now.duration_since(self.last_commit) >= self.limits.commit_interval {
             self.commit(consumer, CommitMode::Async, None);
         }
+        // Open batches of several tables can fill the buffer together while each
+        // is below batch.max_bytes: send the largest rather than wait for max_wait.
+        if self.buffered_bytes >= self.limits.max_buffered_bytes {
+            let largest = (0..self.tables.len())
+                .filter(|&i| self.tables[i].rows > 0 && self.tables[i].waiting.is_none())
+                .max_by_key(|&i| self.tables[i].body.len());
+            if let Some(i) = largest {
+                self.close_batch(i);
+            }
+        }
         self.apply_backpressure(consumer);
         self.metrics.buffered_bytes.set(self.buffered_bytes as i64);
         next_deadline
@@ -461,11 +517,28 @@ impl Core {
         tracing::info!(partitions = %describe(tpl), "partitions assigned");
     }
 
-    /// Newly assigned partitions start paused when the rest are.
+    /// Newly assigned partitions take the pause state of the rest. librdkafka
+    /// keeps a partition's pause flag across revocation and reassignment, so a
+    /// partition revoked while paused would otherwise come back paused for good.
     pub fn after_assign(&mut self, consumer: &Consumer, tpl: &TopicPartitionList) {
-        if self.paused {
-            if let Err(e) = consumer.pause(tpl) {
-                tracing::warn!(error = %e, "could not pause newly assigned partitions");
+        if tpl.count() == 0 {
+            return;
+        }
+        let result = if self.paused {
+            consumer.pause(tpl)
+        } else {
+            consumer.resume(tpl)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not set the pause state of newly assigned partitions");
+        }
+    }
+
+    /// A commit the broker refused: its positions are committed again next time.
+    pub fn commit_failed(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let Some(key) = self.key(e.topic(), e.partition()) {
+                self.tracker.forget_committed(key);
             }
         }
     }
@@ -527,13 +600,19 @@ impl Core {
                     self.close_batch(ti);
                 }
             }
-            let held: usize = keys.iter().map(|k| self.tracker.held(*k)).sum();
+            // Refused batches stay held for good: wait for everything else.
+            let refused = self
+                .refused
+                .iter()
+                .filter(|s| keys.contains(&s.key))
+                .count();
+            let held = keys
+                .iter()
+                .map(|k| self.tracker.held(*k))
+                .sum::<usize>()
+                .saturating_sub(refused);
             if held == 0 {
-                return true;
-            }
-            if self.fatal.is_some() && !matches!(self.fatal, Some(PipelineError::BadRecord { .. }))
-            {
-                return false;
+                return refused == 0;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -575,4 +654,156 @@ fn describe(tpl: &TopicPartitionList) -> String {
         .map(|e| format!("{}[{}]", e.topic(), e.partition()))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{json::JsonDecoder, UnknownFields};
+    use crate::schema::{Column, ColumnType, DefaultKind, TableSchema};
+
+    fn schema(name: &str, cols: &[(&str, &str)]) -> TableSchema {
+        TableSchema {
+            database: "db".into(),
+            table: name.into(),
+            columns: cols
+                .iter()
+                .map(|(n, t)| Column {
+                    name: n.to_string(),
+                    ty: ColumnType::parse(t),
+                    type_text: t.to_string(),
+                    default_kind: DefaultKind::None,
+                    default_expression: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    struct Harness {
+        core: Core,
+        sinks: Vec<mpsc::Receiver<ReadyBatch>>,
+        events: std_mpsc::Sender<SinkEvent>,
+    }
+
+    /// One topic "t" fanned out to a lenient table "a" (skip) and a strict table "b".
+    fn harness(b_policy: OnError, max_rows: usize) -> Harness {
+        let a = schema("a", &[("id", "UInt64")]);
+        let b = schema("b", &[("id", "UInt8")]);
+        let (events, events_rx) = std_mpsc::channel();
+        let metrics = Arc::new(Metrics::new());
+        let mut tables = Vec::new();
+        let mut sinks = Vec::new();
+        for s in [&a, &b] {
+            let (tx, rx) = mpsc::channel(8);
+            tables.push(TableState::new(s.to_string(), tx));
+            sinks.push(rx);
+        }
+        let routes = vec![
+            RouteState::new(
+                0,
+                Box::new(JsonDecoder::new(&a, UnknownFields::Ignore)),
+                OnError::Skip,
+            ),
+            RouteState::new(
+                1,
+                Box::new(JsonDecoder::new(&b, UnknownFields::Ignore)),
+                b_policy,
+            ),
+        ];
+        let limits = Limits {
+            max_rows,
+            max_bytes: 1 << 20,
+            max_wait: Duration::from_secs(60),
+            commit_interval: Duration::from_secs(60),
+            max_buffered_bytes: 1 << 24,
+            drain_timeout: Duration::from_secs(1),
+        };
+        let core = Core::new(
+            limits,
+            vec![("t".into(), vec![0, 1])],
+            routes,
+            tables,
+            events_rx,
+            metrics,
+        );
+        Harness {
+            core,
+            sinks,
+            events,
+        }
+    }
+
+    fn record(offset: i64, json: &str) -> Record<'_> {
+        Record {
+            topic: "t",
+            partition: 0,
+            offset,
+            timestamp_ms: None,
+            value: Some(json.as_bytes()),
+        }
+    }
+
+    const P0: PartitionKey = PartitionKey {
+        topic: 0,
+        partition: 0,
+    };
+
+    #[test]
+    fn a_full_batch_goes_to_its_sink_and_only_its_ack_moves_the_position() {
+        let mut h = harness(OnError::Skip, 2);
+        h.core.on_record(&record(0, r#"{"id":1}"#));
+        h.core.on_record(&record(1, r#"{"id":2}"#));
+        assert_eq!(h.core.tracker.position(P0), Some(0));
+        let batch_a = h.sinks[0].try_recv().unwrap();
+        let batch_b = h.sinks[1].try_recv().unwrap();
+        assert_eq!((batch_a.rows, batch_b.rows), (2, 2));
+        // RowBinaryWithDefaults: a 0 flag, then the value.
+        assert_eq!(&batch_b.body[..], &[0, 1, 0, 2]);
+        h.events.send(SinkEvent::Inserted(batch_a)).unwrap();
+        while let Ok(ev) = h.core.events.try_recv() {
+            h.core.on_event(ev);
+        }
+        assert_eq!(
+            h.core.tracker.position(P0),
+            Some(0),
+            "table b still holds offset 0"
+        );
+        h.core.on_event(SinkEvent::Inserted(batch_b));
+        assert_eq!(h.core.tracker.position(P0), Some(2));
+        assert_eq!(h.core.buffered_bytes, 0);
+    }
+
+    #[test]
+    fn a_record_skipped_by_one_route_still_lands_in_the_other() {
+        let mut h = harness(OnError::Skip, 100);
+        h.core.on_record(&record(0, r#"{"id":300}"#)); // too big for b's UInt8
+        assert_eq!(h.core.tables[0].rows, 1);
+        assert_eq!(h.core.tables[1].rows, 0);
+        assert_eq!(
+            h.core.tracker.position(P0),
+            Some(0),
+            "held by a's open batch"
+        );
+    }
+
+    #[test]
+    fn a_stop_takes_the_record_back_from_the_routes_that_took_it() {
+        let mut h = harness(OnError::Stop, 100);
+        h.core.on_record(&record(0, r#"{"id":1}"#));
+        let before = (h.core.tables[0].body.len(), h.core.buffered_bytes);
+        h.core.on_record(&record(1, r#"{"id":300}"#));
+        assert!(matches!(
+            h.core.fatal(),
+            Some(PipelineError::BadRecord { offset: 1, .. })
+        ));
+        // Table a took offset 1 first; it was removed again.
+        assert_eq!(h.core.tables[0].rows, 1);
+        assert_eq!((h.core.tables[0].body.len(), h.core.buffered_bytes), before);
+        assert_eq!(h.core.tables[0].segments.len(), 1);
+        assert_eq!(
+            h.core.tracker.held(P0),
+            2,
+            "offset 0 held by a and b, nothing else"
+        );
+    }
 }

@@ -165,7 +165,12 @@ pub async fn run(
 
     let consumer: Consumer = crate::kafka::client_config(&config.kafka)
         .create_with_context(BridgeContext::new(core, metrics.clone(), health.clone()))
-        .map_err(|e| PipelineError::Config(format!("cannot create the Kafka consumer: {e}")))?;
+        .map_err(|e| {
+            PipelineError::Config(format!(
+                "cannot create the Kafka consumer: {}",
+                crate::kafka::describe_client_error(&e)
+            ))
+        })?;
     let names: Vec<&str> = topic_names.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)

@@ -160,7 +160,7 @@ fn a_batch_clickhouse_refuses_stops_the_bridge_without_committing_it() {
     let log = bridge.log_text();
     assert_eq!(status.code(), Some(2), "log:\n{log}");
     assert!(
-        log.contains(&format!("ClickHouse refused a batch"))
+        log.contains("ClickHouse refused a batch")
             && log.contains(&format!("{db}.t"))
             && log.contains("Code: 469")
             && log.contains(&format!("{topic}[0] from offset 500")),
