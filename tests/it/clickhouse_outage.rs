@@ -1,5 +1,6 @@
 //! (c) ClickHouse killed (-9) for 10 s mid-stream: nothing is committed past
-//! what landed while it is down, and every record lands once it is back.
+//! what landed while it is down, consumption pauses once the memory budget is
+//! full, and every record lands once it is back.
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,6 +25,9 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
         &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
     );
     cfg.ch_port = server.http_port;
+    // A small budget, so that the outage fills it and consumption must pause.
+    cfg.extra = "max_buffered_bytes = \"512KiB\"".into();
+    cfg.batch_extra = "max_bytes = \"128KiB\"".into();
     let bridge = Bridge::start(&cfg, &dir);
 
     // Phase 1 lands and is committed before the outage.
@@ -50,7 +54,7 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
     // A real crash of ClickHouse while records keep coming.
     server.kill9();
     let down = Instant::now();
-    let phase2 = 10_000u64;
+    let phase2 = 40_000u64;
     produce_simple(&prod, &topic, PARTITIONS, phase1, phase2);
     prod.flush();
     thread::sleep(Duration::from_secs(3));
@@ -65,6 +69,16 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
     assert!(
         bridge.metric("chbridge_insert_retries_total", "") >= 1.0,
         "no retries were counted while ClickHouse was down"
+    );
+    let buffered = bridge.metric("chbridge_buffered_bytes", "");
+    assert_eq!(
+        bridge.metric("chbridge_consumer_paused", ""),
+        1.0,
+        "consumption should be paused with {buffered} bytes buffered"
+    );
+    assert!(
+        buffered <= (512 + 64) as f64 * 1024.0,
+        "buffer over budget: {buffered}"
     );
 
     server.restart();
@@ -99,6 +113,13 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
         .trim()
         .parse()
         .unwrap_or(0);
-    eprintln!("outage: {rows} rows for {total} ids after recovery");
+    eprintln!(
+        "outage: {rows} rows for {total} ids after recovery; paused with {buffered} bytes buffered"
+    );
+    assert_eq!(
+        bridge.metric("chbridge_consumer_paused", ""),
+        0.0,
+        "not resumed"
+    );
     drop(bridge);
 }

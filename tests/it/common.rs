@@ -262,7 +262,10 @@ pub struct BridgeConfig {
     pub group: String,
     pub database: String,
     pub routes: String,
+    /// Top-level keys.
     pub extra: String,
+    /// More keys of the [batch] section.
+    pub batch_extra: String,
     pub ch_port: u16,
     pub http_port: u16,
 }
@@ -274,6 +277,7 @@ impl BridgeConfig {
             database: database.to_string(),
             routes: routes.to_string(),
             extra: String::new(),
+            batch_extra: String::new(),
             ch_port: ch_port(),
             http_port: free_port(),
         }
@@ -298,6 +302,7 @@ database = "{db}"
 [batch]
 max_rows = 5000
 max_wait = "300ms"
+{batch_extra}
 
 [retry]
 initial_backoff = "100ms"
@@ -312,6 +317,7 @@ level = "info,librdkafka=warn"
 {routes}
 "#,
             extra_top = self.extra,
+            batch_extra = self.batch_extra,
             brokers = brokers(),
             group = self.group,
             ch = self.ch_port,
