@@ -64,6 +64,52 @@ pub struct RouteState {
     pub on_error: OnError,
     /// Failure counters by reason, created on first use.
     failed: HashMap<&'static str, IntCounter>,
+    skipped_log: LogBudget,
+}
+
+/// Caps per-record warnings so that a flood of bad records cannot flood the
+/// logs: the first few each second are logged with where they came from, the
+/// rest are counted and summarised (the metric counts every one).
+struct LogBudget {
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    const PER_SECOND: u32 = 10;
+
+    fn new() -> LogBudget {
+        LogBudget {
+            window: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// True when this event may be logged; reports what was held back in the last window.
+    fn allow(&mut self, table: &str) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                tracing::warn!(
+                    table,
+                    suppressed = self.suppressed,
+                    "more records were skipped than logged individually; \
+                     chbridge_records_failed_total counts them all"
+                );
+            }
+            self.window = Instant::now();
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < Self::PER_SECOND {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
 }
 
 pub struct TableState {
@@ -103,6 +149,7 @@ impl RouteState {
             decoder,
             on_error,
             failed: HashMap::new(),
+            skipped_log: LogBudget::new(),
         }
     }
 }
@@ -264,14 +311,18 @@ impl Core {
                     });
                     counter.inc();
                     match route.on_error {
-                        OnError::Skip => tracing::warn!(
-                            topic = rec.topic,
-                            partition = rec.partition,
-                            offset = rec.offset,
-                            table = %table.name,
-                            error = %error,
-                            "skipped a record that cannot become a row (on_error = \"skip\")"
-                        ),
+                        OnError::Skip => {
+                            if route.skipped_log.allow(&table.name) {
+                                tracing::warn!(
+                                    topic = rec.topic,
+                                    partition = rec.partition,
+                                    offset = rec.offset,
+                                    table = %table.name,
+                                    error = %error,
+                                    "skipped a record that cannot become a row (on_error = \"skip\")"
+                                )
+                            }
+                        }
                         OnError::Stop => {
                             self.fatal = Some(PipelineError::BadRecord {
                                 topic: rec.topic.to_string(),
@@ -784,6 +835,17 @@ mod tests {
             Some(0),
             "held by a's open batch"
         );
+    }
+
+    #[test]
+    fn skipped_record_warnings_are_capped_per_second() {
+        let mut b = LogBudget::new();
+        let allowed = (0..100).filter(|_| b.allow("db.t")).count();
+        assert_eq!(allowed, LogBudget::PER_SECOND as usize);
+        assert_eq!(b.suppressed, 90);
+        b.window -= Duration::from_secs(2);
+        assert!(b.allow("db.t"));
+        assert_eq!(b.suppressed, 0);
     }
 
     #[test]

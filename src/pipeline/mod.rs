@@ -54,6 +54,9 @@ pub enum PipelineError {
         origin: String,
         error: InsertError,
     },
+    /// ClickHouse did not answer at start; retried until it does.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -83,9 +86,19 @@ pub async fn load_tables(
         let ti = match index.get(&(db.clone(), t.clone())) {
             Some(&ti) => ti,
             None => {
-                let s = schema::load_table(client, &db, &t)
-                    .await
-                    .map_err(|e| PipelineError::Config(format!("routes[{i}]: {e}")))?;
+                let s = schema::load_table(client, &db, &t).await.map_err(|e| {
+                    let transient = matches!(
+                        &e,
+                        schema::SchemaError::ClickHouse { source, .. }
+                            if crate::sink::errors::classify(source).class
+                                == crate::sink::ErrorClass::Transient
+                    );
+                    if transient {
+                        PipelineError::Unavailable(format!("routes[{i}]: {e}"))
+                    } else {
+                        PipelineError::Config(format!("routes[{i}]: {e}"))
+                    }
+                })?;
                 schemas.push(s);
                 index.insert((db, t), schemas.len() - 1);
                 schemas.len() - 1
@@ -108,7 +121,23 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Outcome, PipelineError> {
     let client = sink::client(&config.clickhouse);
-    let (schemas, route_tables) = load_tables(&config, &client).await?;
+    // A bridge may start before ClickHouse (a pod restart, a whole-cluster
+    // start): wait for it, as for any transient failure, instead of exiting.
+    let mut attempt = 0;
+    let (schemas, route_tables) = loop {
+        match load_tables(&config, &client).await {
+            Err(PipelineError::Unavailable(why)) => {
+                let wait = sink::backoff(&config.retry, attempt);
+                attempt += 1;
+                tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "ClickHouse unavailable at start; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Outcome { drained: true }),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            other => break other?,
+        }
+    };
     health.set_clickhouse_ok(true);
 
     let (events_tx, events_rx) = std_mpsc::channel();

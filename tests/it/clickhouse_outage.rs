@@ -123,3 +123,43 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
     );
     drop(bridge);
 }
+
+#[test]
+fn a_bridge_started_before_clickhouse_waits_for_it() {
+    let name = unique("it_late_ch");
+    let dir = test_dir(&name);
+    let mut server = PrivateClickHouse::start(&dir);
+    server.sql("CREATE DATABASE it");
+    server.sql(&format!("CREATE TABLE it.t {SIMPLE_TABLE}"));
+    server.kill9();
+    let topic = unique("late_ch");
+    create_topic(&topic, 2);
+    let prod = TestProducer::new();
+    produce_simple(&prod, &topic, 2, 0, 1_000);
+    prod.flush();
+    let mut cfg = BridgeConfig::new(
+        &unique("g_late_ch"),
+        "it",
+        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
+    );
+    cfg.ch_port = server.http_port;
+    let mut bridge = Bridge::start(&cfg, &dir);
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        bridge.child.try_wait().unwrap().is_none(),
+        "the bridge exited instead of waiting; log:\n{}",
+        bridge.log_text()
+    );
+    assert!(bridge
+        .log_text()
+        .contains("ClickHouse unavailable at start"));
+    server.restart();
+    assert!(
+        wait_until(Duration::from_secs(60), || server
+            .sql("SELECT count() FROM it.t")
+            .trim()
+            == "1000"),
+        "rows did not land once ClickHouse came up; log:\n{}",
+        bridge.log_text()
+    );
+}
