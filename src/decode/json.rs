@@ -420,23 +420,9 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{Column, DefaultKind};
 
     fn table(cols: &[(&str, &str)]) -> TableSchema {
-        TableSchema {
-            database: "db".into(),
-            table: "t".into(),
-            columns: cols
-                .iter()
-                .map(|(n, t)| Column {
-                    name: n.to_string(),
-                    ty: ColumnType::parse(t),
-                    type_text: t.to_string(),
-                    default_kind: DefaultKind::None,
-                    default_expression: String::new(),
-                })
-                .collect(),
-        }
+        TableSchema::for_tests("t", cols)
     }
 
     fn decode(cols: &[(&str, &str)], json: &str) -> Result<Vec<u8>, RecordError> {

@@ -711,24 +711,7 @@ fn describe(tpl: &TopicPartitionList) -> String {
 mod tests {
     use super::*;
     use crate::decode::{json::JsonDecoder, UnknownFields};
-    use crate::schema::{Column, ColumnType, DefaultKind, TableSchema};
-
-    fn schema(name: &str, cols: &[(&str, &str)]) -> TableSchema {
-        TableSchema {
-            database: "db".into(),
-            table: name.into(),
-            columns: cols
-                .iter()
-                .map(|(n, t)| Column {
-                    name: n.to_string(),
-                    ty: ColumnType::parse(t),
-                    type_text: t.to_string(),
-                    default_kind: DefaultKind::None,
-                    default_expression: String::new(),
-                })
-                .collect(),
-        }
-    }
+    use crate::schema::TableSchema;
 
     struct Harness {
         core: Core,
@@ -738,8 +721,8 @@ mod tests {
 
     /// One topic "t" fanned out to a lenient table "a" (skip) and a strict table "b".
     fn harness(b_policy: OnError, max_rows: usize) -> Harness {
-        let a = schema("a", &[("id", "UInt64")]);
-        let b = schema("b", &[("id", "UInt8")]);
+        let a = TableSchema::for_tests("a", &[("id", "UInt64")]);
+        let b = TableSchema::for_tests("b", &[("id", "UInt8")]);
         let (events, events_rx) = std_mpsc::channel();
         let metrics = Arc::new(Metrics::new());
         let mut tables = Vec::new();

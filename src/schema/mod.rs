@@ -128,6 +128,27 @@ impl TableSchema {
     }
 }
 
+#[cfg(test)]
+impl TableSchema {
+    /// `db.<table>` with plain columns given as (name, ClickHouse type).
+    pub fn for_tests(table: &str, cols: &[(&str, &str)]) -> TableSchema {
+        TableSchema {
+            database: "db".into(),
+            table: table.into(),
+            columns: cols
+                .iter()
+                .map(|(n, t)| Column {
+                    name: n.to_string(),
+                    ty: ColumnType::parse(t),
+                    type_text: t.to_string(),
+                    default_kind: DefaultKind::None,
+                    default_expression: String::new(),
+                })
+                .collect(),
+        }
+    }
+}
+
 impl fmt::Display for TableSchema {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.database, self.table)
