@@ -56,20 +56,23 @@ pub struct OffsetTracker {
 }
 
 impl OffsetTracker {
+    /// The state of `key`, created with a new generation if not tracked yet.
+    fn state(&mut self, key: PartitionKey) -> &mut PartitionState {
+        let next_generation = &mut self.next_generation;
+        self.parts.entry(key).or_insert_with(|| {
+            *next_generation += 1;
+            PartitionState {
+                generation: *next_generation,
+                next: None,
+                pending: BTreeMap::new(),
+                committed: None,
+            }
+        })
+    }
+
     /// Starts tracking a newly assigned partition (kept as it is if already tracked).
     pub fn assign(&mut self, key: PartitionKey) {
-        if !self.parts.contains_key(&key) {
-            self.next_generation += 1;
-            self.parts.insert(
-                key,
-                PartitionState {
-                    generation: self.next_generation,
-                    next: None,
-                    pending: BTreeMap::new(),
-                    committed: None,
-                },
-            );
-        }
+        self.state(key);
     }
 
     /// Stops tracking a revoked partition.
@@ -80,18 +83,15 @@ impl OffsetTracker {
     /// The partition's current assignment generation (tracking starts here
     /// if the partition was not announced by a rebalance).
     pub fn generation(&mut self, key: PartitionKey) -> u64 {
-        self.assign(key);
-        self.parts.get(&key).map_or(0, |p| p.generation)
+        self.state(key).generation
     }
 
     /// Records that every record up to `offset` was read and placed in its
     /// batches or skipped; returns the partition's generation.
     pub fn consumed(&mut self, key: PartitionKey, offset: i64) -> u64 {
-        let generation = self.generation(key);
-        if let Some(p) = self.parts.get_mut(&key) {
-            p.next = Some(offset + 1);
-        }
-        generation
+        let p = self.state(key);
+        p.next = Some(offset + 1);
+        p.generation
     }
 
     /// Holds `offset` back until the batch that now starts holding the

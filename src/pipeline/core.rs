@@ -256,9 +256,10 @@ impl Core {
     /// Places one record into the batch of every table its topic is routed
     /// to. A record that fails a route with `on_error = "stop"` becomes the
     /// fatal error, and its offset is not released: the commit stays below it.
-    pub fn on_record(&mut self, rec: &Record<'_>) {
+    /// Returns false once the loop must stop taking records.
+    pub fn on_record(&mut self, rec: &Record<'_>) -> bool {
         let Some(key) = self.key(rec.topic, rec.partition) else {
-            return;
+            return true;
         };
         let generation = self.tracker.generation(key);
         let ti = key.topic as usize;
@@ -332,7 +333,7 @@ impl Core {
                                 error,
                             });
                             self.take_back_record();
-                            return;
+                            return false;
                         }
                     }
                 }
@@ -346,6 +347,7 @@ impl Core {
                 self.close_batch(ti);
             }
         }
+        true
     }
 
     /// Removes the current record from the batches of the routes that took it

@@ -6,7 +6,7 @@ pub mod core;
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -71,6 +71,10 @@ pub struct Outcome {
 /// Batches queued per table beyond the one being inserted: enough to keep
 /// ClickHouse busy while the next batch fills, small enough to bound memory.
 const SINK_QUEUE: usize = 2;
+
+/// Longest time between two housekeeping turns of the consumer loop while
+/// records keep arriving (bounds how late a `max_wait` flush can be).
+const SERVICE_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Reads the schemas of every route's table, in route order, deduplicated.
 /// Returns the schemas and, per route, the index of its table.
@@ -250,21 +254,26 @@ fn consumer_loop(
     health: Arc<Health>,
 ) -> Result<Outcome, PipelineError> {
     let ctx = consumer.context().clone();
+    // Housekeeping (acknowledgements, old batches, commits, back-pressure) runs
+    // when the consumer is idle or at most every SERVICE_INTERVAL, not per record.
+    let mut last_service: Option<Instant> = None;
+    let mut timeout = Duration::ZERO;
     loop {
-        health.turn();
-        let timeout = {
+        if last_service.is_none_or(|t| t.elapsed() >= SERVICE_INTERVAL) {
+            health.turn();
             let mut core = ctx.core();
             if core.fatal().is_some() {
                 break;
             }
-            core.service(&consumer)
-        };
+            timeout = core.service(&consumer);
+            last_service = Some(Instant::now());
+        }
         if stop.is_cancelled() {
             tracing::info!("stopping: flushing batches and committing");
             break;
         }
         match consumer.poll(timeout) {
-            None => {}
+            None => last_service = None,
             Some(Ok(msg)) => {
                 let rec = Record {
                     topic: msg.topic(),
@@ -273,7 +282,12 @@ fn consumer_loop(
                     timestamp_ms: msg.timestamp().to_millis(),
                     value: msg.payload(),
                 };
-                ctx.core().on_record(&rec);
+                if !ctx.core().on_record(&rec) {
+                    break;
+                }
+                // Until the next service, poll without blocking: an empty poll
+                // means idle, and idle runs the service at once.
+                timeout = Duration::ZERO;
             }
             Some(Err(KafkaError::MessageConsumptionFatal(code)))
             | Some(Err(KafkaError::Global(code)))
