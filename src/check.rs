@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::config::Config;
+use crate::config::{Config, Delivery};
+use crate::exactly_once::{self, StateStore};
 use crate::schema::{Fill, TableSchema};
 use crate::sink;
 
@@ -101,9 +102,50 @@ pub async fn check(config: &Config) -> Report {
                     }
                 }
             }
+            if config.delivery == Delivery::ExactlyOnce {
+                check_exactly_once(config, &client, &mut text, &mut problems).await;
+            }
         }
     }
     Report { text, problems }
+}
+
+/// Exactly-once: the target tables deduplicate inserts, and the state table
+/// exists or can be created.
+async fn check_exactly_once(
+    config: &Config,
+    client: &clickhouse::Client,
+    text: &mut String,
+    problems: &mut Vec<String>,
+) {
+    let tables: Vec<(String, String)> = (0..config.routes.len())
+        .map(|i| config.route_table(i))
+        .collect();
+    match exactly_once::table_problems(client, &tables).await {
+        Ok(p) if p.is_empty() => {
+            let _ = writeln!(
+                text,
+                "exactly-once: every target table deduplicates inserts"
+            );
+        }
+        Ok(p) => problems.extend(p),
+        Err(e) => problems.push(format!(
+            "exactly-once: cannot read the tables' engines: {e}"
+        )),
+    }
+    let store = StateStore::new(client.clone(), config.state_table(), &config.kafka.group_id);
+    match store.ensure().await {
+        Ok(()) => {
+            let _ = writeln!(text, "exactly-once: state table {} ready", store.name());
+        }
+        Err(e) => problems.push(format!(
+            "exactly-once: the state table {} does not exist and cannot be created ({}); \
+             create it as: {}",
+            store.name(),
+            crate::sink::errors::classify(&e).message,
+            store.create_sql()
+        )),
+    }
 }
 
 fn describe_columns(schema: &TableSchema, out: &mut String) {

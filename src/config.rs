@@ -41,6 +41,46 @@ pub struct Config {
     /// flush batches and commit before giving up. Default: "30s".
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// "at-least-once" (default) or "exactly-once" (see docs/guarantees.md).
+    #[serde(default)]
+    pub delivery: Delivery,
+    #[serde(default)]
+    pub exactly_once: ExactlyOnceConfig,
+}
+
+/// What chbridge promises about each record reaching its tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Every record lands; a crash may repeat the rows of uncommitted batches.
+    #[default]
+    AtLeastOnce,
+    /// Every record lands once: batches are cut per partition at boundaries
+    /// recorded in ClickHouse before each insert, and inserts carry a
+    /// deduplication token derived from those boundaries.
+    ExactlyOnce,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExactlyOnceConfig {
+    /// The table where chbridge records each batch's offset range before
+    /// inserting it (`table` or `database.table`; created if missing).
+    /// Default: "chbridge_batches" in `clickhouse.database`.
+    #[serde(default = "default_state_table")]
+    pub state_table: String,
+}
+
+impl Default for ExactlyOnceConfig {
+    fn default() -> Self {
+        ExactlyOnceConfig {
+            state_table: default_state_table(),
+        }
+    }
+}
+
+fn default_state_table() -> String {
+    "chbridge_batches".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,19 +200,43 @@ pub struct RouteConfig {
     /// Fields that match no column: "ignore" (default) or "error".
     #[serde(default)]
     pub unknown_fields: UnknownFields,
-    /// A record that cannot be decoded or converted: "skip" (log it, count it
-    /// in `chbridge_records_failed_total`, go on) or "stop" (default: stop the
+    /// A record that cannot be decoded or converted, or a row ClickHouse
+    /// rejects: "dead-letter" (send it to `dead_letter_topic` with headers
+    /// saying why, go on), "skip" (log it, count it in
+    /// `chbridge_records_failed_total`, go on) or "stop" (default: stop the
     /// bridge without committing past it).
     #[serde(default)]
     pub on_error: OnError,
+    /// Topic that receives this route's failed records when `on_error =
+    /// "dead-letter"`. It must exist (or the broker must create topics).
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// With "skip" or "dead-letter": stop the bridge instead when more than
+    /// this share of the route's records failed within `failed_window`
+    /// (a wrong format or table would otherwise divert a whole topic).
+    /// 1.0 disables the limit. Default: 0.5.
+    #[serde(default = "default_max_failed_ratio")]
+    pub max_failed_ratio: f64,
+    /// The sliding window for `max_failed_ratio` (evaluated once the window
+    /// holds at least 100 records). Default: "1m".
+    #[serde(default = "default_failed_window", with = "humantime_serde")]
+    pub failed_window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnError {
     Skip,
+    DeadLetter,
     #[default]
     Stop,
+}
+
+fn default_max_failed_ratio() -> f64 {
+    0.5
+}
+fn default_failed_window() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -491,6 +555,39 @@ impl Config {
                     format!("{:?} must be `table` or `database.table`", r.table),
                 ));
             }
+            match (&r.on_error, r.dead_letter_topic.as_deref().map(str::trim)) {
+                (OnError::DeadLetter, None | Some("")) => {
+                    return Err(invalid(
+                        format!("routes[{i}].dead_letter_topic"),
+                        "is required with on_error = \"dead-letter\"",
+                    ))
+                }
+                (OnError::DeadLetter, Some(t)) if r.topics.iter().any(|rt| rt == t) => {
+                    return Err(invalid(
+                        format!("routes[{i}].dead_letter_topic"),
+                        format!("{t:?} is also one of the route's own topics: failed records would come back"),
+                    ))
+                }
+                (OnError::Skip | OnError::Stop, Some(_)) => {
+                    return Err(invalid(
+                        format!("routes[{i}].dead_letter_topic"),
+                        "is only used with on_error = \"dead-letter\"; set that or remove the key",
+                    ))
+                }
+                _ => {}
+            }
+            if !(r.max_failed_ratio > 0.0 && r.max_failed_ratio <= 1.0) {
+                return Err(invalid(
+                    format!("routes[{i}].max_failed_ratio"),
+                    "must be more than 0 and at most 1 (1 disables the limit)",
+                ));
+            }
+            if r.failed_window.is_zero() {
+                return Err(invalid(
+                    format!("routes[{i}].failed_window"),
+                    "must be more than 0",
+                ));
+            }
         }
         if self.batch.max_rows == 0 {
             return Err(invalid("batch.max_rows", "must be at least 1"));
@@ -510,6 +607,13 @@ impl Config {
                 ),
             ));
         }
+        let state = &self.exactly_once.state_table;
+        if state.trim().is_empty() || state.split('.').count() > 2 {
+            return Err(invalid(
+                "exactly_once.state_table",
+                format!("{state:?} must be `table` or `database.table`"),
+            ));
+        }
         if self.commit.interval.is_zero() {
             return Err(invalid("commit.interval", "must be more than 0"));
         }
@@ -526,11 +630,21 @@ impl Config {
 
     /// Target table of route `i` as (database, table).
     pub fn route_table(&self, i: usize) -> (String, String) {
-        let t = &self.routes[i].table;
+        self.qualify(&self.routes[i].table)
+    }
+
+    /// `table` or `database.table` as (database, table), the database
+    /// defaulting to `clickhouse.database`.
+    fn qualify(&self, t: &str) -> (String, String) {
         match t.split_once('.') {
             Some((db, name)) => (db.to_string(), name.to_string()),
-            None => (self.clickhouse.database.clone(), t.clone()),
+            None => (self.clickhouse.database.clone(), t.to_string()),
         }
+    }
+
+    /// The exactly-once state table as (database, table).
+    pub fn state_table(&self) -> (String, String) {
+        self.qualify(&self.exactly_once.state_table)
     }
 
     /// Every topic of every route, once, in order of appearance.

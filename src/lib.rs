@@ -4,6 +4,7 @@
 //! The modules follow a record: `kafka` (consumer, callbacks, offsets) ->
 //! `decode` (one file per format) -> `schema` (tables, types, row encoding) ->
 //! `pipeline` (routing, batching, commit) -> `sink` (inserts, retries), with
+//! `exactly_once` (batch ranges recorded in ClickHouse) and
 //! `config`, `observability` and `check` beside them.
 
 // Input and the network reach almost all of this crate: no unwrap/expect outside tests.
@@ -12,6 +13,7 @@
 pub mod check;
 pub mod config;
 pub mod decode;
+pub mod exactly_once;
 pub mod kafka;
 pub mod observability;
 pub mod pipeline;

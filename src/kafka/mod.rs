@@ -1,6 +1,7 @@
 //! The Kafka side: the consumer's settings, its callbacks, and offset tracking.
 
 pub mod context;
+pub mod dead_letter;
 pub mod offsets;
 
 use rdkafka::config::ClientConfig;

@@ -9,6 +9,7 @@
 //! [`OffsetTracker::consumed`] (a record read and placed or skipped).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 /// A partition as the pipeline knows it: the index of its topic in the
 /// configuration's topic list, and the partition number.
@@ -29,6 +30,30 @@ pub struct Segment {
     /// not move the new owner's position.
     pub generation: u64,
     pub first_offset: i64,
+}
+
+/// The assignment generation of every partition this process owns, shared
+/// with the sink tasks: an exactly-once batch of a partition that was revoked
+/// meanwhile must not be inserted, because the new owner replays its range.
+#[derive(Debug, Default)]
+pub struct Ownership(Mutex<HashMap<PartitionKey, u64>>);
+
+impl Ownership {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set(&self, key: PartitionKey, generation: u64) {
+        self.map().insert(key, generation);
+    }
+
+    pub fn remove(&self, key: PartitionKey) {
+        self.map().remove(&key);
+    }
+
+    pub fn owns(&self, seg: &Segment) -> bool {
+        self.map().get(&seg.key) == Some(&seg.generation)
+    }
 }
 
 #[derive(Debug)]

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Seconds from a record's Kafka timestamp to its row being acknowledged.
     pub end_to_end_latency: Histogram,
+    pub dead_letters: IntCounterVec,
+    pub bisect_inserts: IntCounterVec,
+    pub state_writes: IntCounterVec,
+    pub partition_stalled: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -112,7 +116,7 @@ impl Metrics {
             records_failed: counter(
                 &r,
                 "chbridge_records_failed_total",
-                "Records that could not be decoded or converted into a row",
+                "Records that could not become a row (reason: why; rejected = refused by ClickHouse)",
                 &["topic", "table", "reason"],
             ),
             rows_inserted: counter(
@@ -208,6 +212,30 @@ impl Metrics {
                 &["kind"],
             ),
             end_to_end_latency: latency,
+            dead_letters: counter(
+                &r,
+                "chbridge_dead_letters_total",
+                "Records sent to a dead-letter topic and acknowledged by the broker",
+                &["topic", "table", "class"],
+            ),
+            bisect_inserts: counter(
+                &r,
+                "chbridge_bisect_inserts_total",
+                "Inserts of parts of a batch ClickHouse refused, made to isolate the bad rows",
+                &["table"],
+            ),
+            state_writes: counter(
+                &r,
+                "chbridge_exactly_once_state_writes_total",
+                "Batch ranges recorded in the exactly-once state table, by result",
+                &["result"],
+            ),
+            partition_stalled: gauge_vec(
+                &r,
+                "chbridge_partition_stalled",
+                "1 while the partition has lag but its commit position has not moved for stall_timeout",
+                &["topic", "partition"],
+            ),
             registry: r,
         }
     }
@@ -228,6 +256,7 @@ impl Metrics {
             &self.committed_offset,
             &self.high_watermark,
             &self.consumer_lag,
+            &self.partition_stalled,
         ] {
             let _ = g.remove_label_values(&[topic, &p]);
         }

@@ -7,7 +7,7 @@
 //! segments; only an acknowledgement, or a record skipped by policy, releases
 //! them (see `kafka::offsets` for the rule itself).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,15 +15,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prometheus::IntCounter;
 use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::message::BorrowedHeaders;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OnError};
 use crate::decode::Decoder;
+use crate::exactly_once::{BatchRange, StateStore};
 use crate::kafka::context::Consumer;
-use crate::kafka::offsets::{OffsetTracker, PartitionKey, Segment};
+use crate::kafka::dead_letter::{DeadLetters, Failure, Origin, Ticket};
+use crate::kafka::offsets::{OffsetTracker, Ownership, PartitionKey, Segment};
 use crate::observability::Metrics;
-use crate::sink::{InsertError, ReadyBatch, SinkEvent};
+use crate::sink::{InsertError, ReadyBatch, RowOrigin, SinkEvent};
 
 use super::PipelineError;
 
@@ -62,9 +66,11 @@ pub struct RouteState {
     pub table: usize,
     pub decoder: Box<dyn Decoder>,
     pub on_error: OnError,
+    pub dead_letter_topic: Option<String>,
     /// Failure counters by reason, created on first use.
     failed: HashMap<&'static str, IntCounter>,
     skipped_log: LogBudget,
+    rate: FailureRate,
 }
 
 /// Caps per-record warnings so that a flood of bad records cannot flood the
@@ -94,7 +100,7 @@ impl LogBudget {
                 tracing::warn!(
                     table,
                     suppressed = self.suppressed,
-                    "more records were skipped than logged individually; \
+                    "more records failed than logged individually; \
                      chbridge_records_failed_total counts them all"
                 );
             }
@@ -112,46 +118,206 @@ impl LogBudget {
     }
 }
 
+/// The share of a route's records that failed over a sliding window,
+/// estimated from the current and the previous window's counts.
+struct FailureRate {
+    window: Duration,
+    max_ratio: f64,
+    started: Instant,
+    current: (f64, f64),
+    previous: (f64, f64),
+}
+
+impl FailureRate {
+    /// Failures are judged only over at least this many records.
+    const MIN_RECORDS: f64 = 100.0;
+
+    fn new(window: Duration, max_ratio: f64) -> FailureRate {
+        FailureRate {
+            window,
+            max_ratio,
+            started: Instant::now(),
+            current: (0.0, 0.0),
+            previous: (0.0, 0.0),
+        }
+    }
+
+    fn success(&mut self, now: Instant) {
+        self.roll(now);
+        self.current.1 += 1.0;
+    }
+
+    /// Counts a failed record; returns (failed, total) over the window when
+    /// the share of failures is above the limit.
+    fn failure(&mut self, now: Instant) -> Option<(u64, u64)> {
+        if self.max_ratio >= 1.0 {
+            return None;
+        }
+        self.roll(now);
+        self.current.0 += 1.0;
+        self.current.1 += 1.0;
+        let weight = 1.0
+            - now.saturating_duration_since(self.started).as_secs_f64() / self.window.as_secs_f64();
+        let total = self.current.1 + self.previous.1 * weight;
+        let bad = self.current.0 + self.previous.0 * weight;
+        (total >= Self::MIN_RECORDS && bad / total > self.max_ratio)
+            .then_some((bad.round() as u64, total.round() as u64))
+    }
+
+    fn roll(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.started);
+        if elapsed >= self.window {
+            self.previous = if elapsed < self.window * 2 {
+                self.current
+            } else {
+                (0.0, 0.0)
+            };
+            self.current = (0.0, 0.0);
+            self.started = now;
+        }
+    }
+}
+
+/// A batch being filled.
+struct OpenBatch {
+    /// Exactly-once: the one partition the batch holds. At-least-once: None.
+    partition: Option<PartitionKey>,
+    body: Vec<u8>,
+    rows: Vec<RowOrigin>,
+    segments: Vec<Segment>,
+    opened: Instant,
+    oldest_timestamp_ms: Option<i64>,
+    /// Exactly-once: the range covered so far (records that failed count too).
+    first: i64,
+    last: i64,
+    /// Exactly-once: a range a previous owner recorded, cut at exactly its end.
+    replay_last: Option<i64>,
+}
+
+/// Exactly-once: what the state table says of a (table, partition) newly
+/// assigned, until the first records read settle it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// The latest recorded range.
+    Recorded { first: i64, last: i64 },
+    /// Records up to here are in the table already.
+    SkipThrough(i64),
+    /// Records below `first` are in the table; [first, last] is cut as one
+    /// batch and inserted with the recorded range's token.
+    Replay { first: i64, last: i64 },
+}
+
+/// What to do with a record for one table, exactly-once.
+enum Step {
+    Skip,
+    Place { replay: Option<(i64, i64)> },
+}
+
 pub struct TableState {
     pub name: String,
-    rows: usize,
-    body: Vec<u8>,
-    segments: Vec<Segment>,
-    opened: Option<Instant>,
-    oldest_timestamp_ms: Option<i64>,
+    /// At-least-once: at most one batch. Exactly-once: one per partition.
+    open: Vec<OpenBatch>,
     tx: mpsc::Sender<ReadyBatch>,
-    /// A closed batch the sink's queue had no room for yet.
-    waiting: Option<ReadyBatch>,
+    /// Closed batches the sink's queue had no room for yet.
+    waiting: VecDeque<ReadyBatch>,
     /// Size to pre-allocate for the next batch (the last batch's size).
     capacity_hint: usize,
+    /// Encoded bytes of this table's open, waiting and in-flight batches.
+    buffered: usize,
+    recovery: HashMap<PartitionKey, Recovery>,
 }
 
 impl TableState {
     pub fn new(name: String, tx: mpsc::Sender<ReadyBatch>) -> TableState {
         TableState {
             name,
-            rows: 0,
-            body: Vec::new(),
-            segments: Vec::new(),
-            opened: None,
-            oldest_timestamp_ms: None,
+            open: Vec::new(),
             tx,
-            waiting: None,
+            waiting: VecDeque::new(),
             capacity_hint: 64 * 1024,
+            buffered: 0,
+            recovery: HashMap::new(),
+        }
+    }
+
+    fn batch_index(&self, partition: Option<PartitionKey>) -> Option<usize> {
+        self.open.iter().position(|b| b.partition == partition)
+    }
+
+    /// Exactly-once: settles the recovery of `key` with the record at `offset`.
+    fn recovery_step(&mut self, key: PartitionKey, offset: i64, topic: &str) -> Step {
+        loop {
+            let Some(r) = self.recovery.get(&key).copied() else {
+                return Step::Place { replay: None };
+            };
+            match r {
+                Recovery::Recorded { first, last } => {
+                    // The first record read is where the group's commit
+                    // stands; a commit past `first` means that batch was
+                    // acknowledged (the commit rule), so all of it is in.
+                    let next = if offset > first {
+                        tracing::info!(table = %self.name, topic, partition = key.partition, first, last, resume_at = offset,
+                            "exactly-once: the last recorded batch is in the table; skipping what it covers");
+                        Recovery::SkipThrough(last)
+                    } else {
+                        if offset < first {
+                            tracing::info!(table = %self.name, topic, partition = key.partition, from = offset, to = first,
+                                "exactly-once: records below the last recorded batch are in the table already and are skipped \
+                                 for it (after a deliberate offset reset, clear the state: chbridge state clear)");
+                        }
+                        tracing::info!(table = %self.name, topic, partition = key.partition, first, last,
+                            "exactly-once: replaying the last recorded batch with its token");
+                        Recovery::Replay { first, last }
+                    };
+                    self.recovery.insert(key, next);
+                }
+                Recovery::SkipThrough(last) => {
+                    if offset <= last {
+                        return Step::Skip;
+                    }
+                    self.recovery.remove(&key);
+                }
+                Recovery::Replay { first, last } => {
+                    if offset < first {
+                        return Step::Skip;
+                    }
+                    if offset <= last {
+                        return Step::Place {
+                            replay: Some((first, last)),
+                        };
+                    }
+                    self.recovery.remove(&key);
+                }
+            }
         }
     }
 }
 
 impl RouteState {
-    pub fn new(table: usize, decoder: Box<dyn Decoder>, on_error: OnError) -> RouteState {
+    pub fn new(
+        table: usize,
+        decoder: Box<dyn Decoder>,
+        route: &crate::config::RouteConfig,
+    ) -> RouteState {
         RouteState {
             table,
             decoder,
-            on_error,
+            on_error: route.on_error,
+            dead_letter_topic: route.dead_letter_topic.clone(),
             failed: HashMap::new(),
             skipped_log: LogBudget::new(),
+            rate: FailureRate::new(route.failed_window, route.max_failed_ratio),
         }
     }
+}
+
+/// Exactly-once: where recorded ranges are read on assignment.
+pub struct ExactlyOnce {
+    pub state: StateStore,
+    pub runtime: tokio::runtime::Handle,
+    pub retry: crate::config::RetryConfig,
+    /// A shutdown stops waiting for ClickHouse on assignment.
+    pub stop: CancellationToken,
 }
 
 pub struct Core {
@@ -161,11 +327,13 @@ pub struct Core {
     routes: Vec<RouteState>,
     tables: Vec<TableState>,
     tracker: OffsetTracker,
+    ownership: Arc<Ownership>,
     events: std_mpsc::Receiver<SinkEvent>,
     /// Encoded bytes in open batches plus batches handed to sinks and not yet acknowledged.
     buffered_bytes: usize,
     last_commit: Instant,
-    paused: bool,
+    /// Topics (indexes) whose partitions are paused because they feed full tables.
+    paused: BTreeSet<u32>,
     /// Set once the final drain ran: the revocation that closing the consumer
     /// triggers must not wait for ClickHouse a second time.
     closing: bool,
@@ -174,18 +342,26 @@ pub struct Core {
     /// Segments of batches ClickHouse refused: they stay held for good, so a
     /// drain waits for everything else only.
     refused: Vec<Segment>,
+    /// Segments of replayed ranges a drain could not complete: held too,
+    /// without making the drain a failure.
+    abandoned: Vec<Segment>,
     /// The batches the record being placed went into (reused per record).
     undo: Vec<Undo>,
+    dead_letters: Option<Arc<DeadLetters>>,
+    exactly_once: Option<ExactlyOnce>,
+    /// Exactly-once: partitions whose recorded ranges were read.
+    recovered: HashSet<PartitionKey>,
     metrics: Arc<Metrics>,
 }
 
 /// A table's batch state before a record was appended to it.
 struct Undo {
     table: usize,
+    partition: Option<PartitionKey>,
+    created: bool,
     body_len: usize,
     rows: usize,
     segments: usize,
-    opened: Option<Instant>,
     oldest_timestamp_ms: Option<i64>,
 }
 
@@ -195,7 +371,16 @@ pub struct Record<'a> {
     pub partition: i32,
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
+    pub headers: Option<&'a BorrowedHeaders>,
+}
+
+/// What the pipeline shares with the sink tasks and the dead-letter producer.
+pub struct Shared {
+    pub ownership: Arc<Ownership>,
+    pub dead_letters: Option<Arc<DeadLetters>>,
+    pub exactly_once: Option<ExactlyOnce>,
 }
 
 impl Core {
@@ -205,6 +390,7 @@ impl Core {
         routes: Vec<RouteState>,
         tables: Vec<TableState>,
         events: std_mpsc::Receiver<SinkEvent>,
+        shared: Shared,
         metrics: Arc<Metrics>,
     ) -> Core {
         let topic_index = topics
@@ -227,14 +413,19 @@ impl Core {
             routes,
             tables,
             tracker: OffsetTracker::default(),
+            ownership: shared.ownership,
             events,
             buffered_bytes: 0,
             last_commit: Instant::now(),
-            paused: false,
+            paused: BTreeSet::new(),
             closing: false,
             fatal: None,
             refused: Vec::new(),
+            abandoned: Vec::new(),
             undo: Vec::new(),
+            dead_letters: shared.dead_letters,
+            exactly_once: shared.exactly_once,
+            recovered: HashSet::new(),
             metrics,
         }
     }
@@ -253,6 +444,12 @@ impl Core {
             .map(|&topic| PartitionKey { topic, partition })
     }
 
+    fn fail(&mut self, e: PipelineError) {
+        if self.fatal.is_none() {
+            self.fatal = Some(e);
+        }
+    }
+
     /// Places one record into the batch of every table its topic is routed
     /// to. A record that fails a route with `on_error = "stop"` becomes the
     /// fatal error, and its offset is not released: the commit stays below it.
@@ -261,47 +458,107 @@ impl Core {
         let Some(key) = self.key(rec.topic, rec.partition) else {
             return true;
         };
+        let eos = self.exactly_once.is_some();
+        if eos && !self.recovered.contains(&key) && !self.recover(&[key]) {
+            return false;
+        }
         let generation = self.tracker.generation(key);
         let ti = key.topic as usize;
         self.topics[ti].consumed.inc();
         self.undo.clear();
+        let now = Instant::now();
         for i in 0..self.topics[ti].routes.len() {
-            let route = &mut self.routes[self.topics[ti].routes[i]];
+            let route_idx = self.topics[ti].routes[i];
+            let route = &mut self.routes[route_idx];
             let table_idx = route.table;
             let table = &mut self.tables[table_idx];
+            let slot = eos.then_some(key);
+            let replay = if eos {
+                match table.recovery_step(key, rec.offset, rec.topic) {
+                    Step::Skip => continue,
+                    Step::Place { replay } => {
+                        // A recovered range ends here or before: cut it first.
+                        if replay.is_none() {
+                            if let Some(bi) = table.batch_index(slot) {
+                                if table.open[bi].replay_last.is_some() {
+                                    self.close_batch(table_idx, bi);
+                                }
+                            }
+                        }
+                        replay
+                    }
+                }
+            } else {
+                None
+            };
+            let route = &mut self.routes[route_idx];
+            let table = &mut self.tables[table_idx];
+            let (bi, created) = match table.batch_index(slot) {
+                Some(bi) => (bi, false),
+                None => {
+                    let (first, replay_last) = match replay {
+                        Some((first, last)) => (first, Some(last)),
+                        None => (rec.offset, None),
+                    };
+                    table.open.push(OpenBatch {
+                        partition: slot,
+                        body: Vec::with_capacity(table.capacity_hint),
+                        rows: Vec::new(),
+                        segments: Vec::new(),
+                        opened: now,
+                        oldest_timestamp_ms: None,
+                        first,
+                        last: rec.offset,
+                        replay_last,
+                    });
+                    (table.open.len() - 1, true)
+                }
+            };
+            let batch = &mut table.open[bi];
             let before = Undo {
                 table: table_idx,
-                body_len: table.body.len(),
-                rows: table.rows,
-                segments: table.segments.len(),
-                opened: table.opened,
-                oldest_timestamp_ms: table.oldest_timestamp_ms,
+                partition: slot,
+                created,
+                body_len: batch.body.len(),
+                rows: batch.rows.len(),
+                segments: batch.segments.len(),
+                oldest_timestamp_ms: batch.oldest_timestamp_ms,
             };
-            match route.decoder.decode(rec.value, &mut table.body) {
+            batch.last = rec.offset;
+            match route.decoder.decode(rec.value, &mut batch.body) {
                 Ok(()) => {
-                    if table.rows == 0 {
-                        table.opened = Some(Instant::now());
-                        table
-                            .body
-                            .reserve(table.capacity_hint.saturating_sub(table.body.len()));
-                    }
-                    table.rows += 1;
+                    batch.rows.push(RowOrigin {
+                        end: batch.body.len(),
+                        key,
+                        offset: rec.offset,
+                    });
                     if let Some(ts) = rec.timestamp_ms {
-                        table.oldest_timestamp_ms =
-                            Some(table.oldest_timestamp_ms.map_or(ts, |o| o.min(ts)));
+                        batch.oldest_timestamp_ms =
+                            Some(batch.oldest_timestamp_ms.map_or(ts, |o| o.min(ts)));
                     }
-                    if !table
+                    if !batch
                         .segments
                         .iter()
                         .any(|s| s.key == key && s.generation == generation)
                     {
                         let seg = self.tracker.hold(key, generation, rec.offset);
-                        table.segments.push(seg);
+                        batch.segments.push(seg);
                     }
-                    self.buffered_bytes += table.body.len() - before.body_len;
+                    let added = batch.body.len() - before.body_len;
+                    table.buffered += added;
+                    self.buffered_bytes += added;
                     self.undo.push(before);
+                    route.rate.success(now);
                 }
                 Err(error) => {
+                    batch.body.truncate(before.body_len);
+                    let empty = batch.rows.is_empty();
+                    // A batch opened for this record only: it has no rows
+                    // to insert (unless it replays a recorded range, whose
+                    // end must still be honoured).
+                    if created && empty && replay.is_none() {
+                        table.open.pop();
+                    }
                     let reason = error.kind.as_str();
                     let counter = route.failed.entry(reason).or_insert_with(|| {
                         self.metrics.records_failed.with_label_values(&[
@@ -311,6 +568,23 @@ impl Core {
                         ])
                     });
                     counter.inc();
+                    if let Some((failed, total)) = route.rate.failure(now) {
+                        let e = PipelineError::TooManyFailures {
+                            route: route_idx,
+                            table: table.name.clone(),
+                            failed,
+                            total,
+                            window: route.rate.window,
+                            max_ratio: route.rate.max_ratio,
+                            last: format!(
+                                "{}[{}] at offset {}: {error}",
+                                rec.topic, rec.partition, rec.offset
+                            ),
+                        };
+                        self.fatal = Some(e);
+                        self.take_back_record();
+                        return false;
+                    }
                     match route.on_error {
                         OnError::Skip => {
                             if route.skipped_log.allow(&table.name) {
@@ -322,6 +596,49 @@ impl Core {
                                     error = %error,
                                     "skipped a record that cannot become a row (on_error = \"skip\")"
                                 )
+                            }
+                        }
+                        OnError::DeadLetter => {
+                            let (Some(dl), Some(dlq)) =
+                                (&self.dead_letters, &route.dead_letter_topic)
+                            else {
+                                continue;
+                            };
+                            if route.skipped_log.allow(&table.name) {
+                                tracing::warn!(
+                                    topic = rec.topic,
+                                    partition = rec.partition,
+                                    offset = rec.offset,
+                                    table = %table.name,
+                                    dead_letter_topic = %dlq,
+                                    error = %error,
+                                    "sent a record that cannot become a row to the dead-letter topic"
+                                )
+                            }
+                            let seg = self.tracker.hold(key, generation, rec.offset);
+                            let origin = Origin {
+                                topic: rec.topic,
+                                partition: rec.partition,
+                                offset: rec.offset,
+                                timestamp_ms: rec.timestamp_ms,
+                                key: rec.key,
+                                value: rec.value,
+                                headers: rec.headers,
+                            };
+                            let message = error.to_string();
+                            let failure = Failure {
+                                table: &table.name,
+                                class: error.kind.as_str(),
+                                message: &message,
+                            };
+                            if let Err(why) = dl.send(dlq, &origin, &failure, Ticket::Hold(seg)) {
+                                self.tracker.release(&seg);
+                                self.fatal = Some(PipelineError::DeadLetter(format!(
+                                    "{why} (record {}[{}] at offset {}); nothing at or after it was committed",
+                                    rec.topic, rec.partition, rec.offset
+                                )));
+                                self.take_back_record();
+                                return false;
                             }
                         }
                         OnError::Stop => {
@@ -340,11 +657,20 @@ impl Core {
             }
         }
         self.tracker.consumed(key, rec.offset);
-        for u in 0..self.undo.len() {
-            let ti = self.undo[u].table;
-            let t = &self.tables[ti];
-            if t.rows >= self.limits.max_rows || t.body.len() >= self.limits.max_bytes {
-                self.close_batch(ti);
+        // Close what is full, and exactly-once batches that reached the end
+        // of a recorded range (also when the last record of it failed).
+        for r in 0..self.topics[ti].routes.len() {
+            let table_idx = self.routes[self.topics[ti].routes[r]].table;
+            let t = &self.tables[table_idx];
+            let Some(bi) = t.batch_index(eos.then_some(key)) else {
+                continue;
+            };
+            let b = &t.open[bi];
+            if b.rows.len() >= self.limits.max_rows
+                || b.body.len() >= self.limits.max_bytes
+                || b.replay_last.is_some_and(|l| rec.offset >= l)
+            {
+                self.close_batch(table_idx, bi);
             }
         }
         true
@@ -356,65 +682,115 @@ impl Core {
     fn take_back_record(&mut self) {
         while let Some(u) = self.undo.pop() {
             let t = &mut self.tables[u.table];
-            self.buffered_bytes -= t.body.len() - u.body_len;
-            t.body.truncate(u.body_len);
-            t.rows = u.rows;
-            t.opened = u.opened;
-            t.oldest_timestamp_ms = u.oldest_timestamp_ms;
-            for seg in t.segments.drain(u.segments..) {
+            let Some(bi) = t.batch_index(u.partition) else {
+                continue;
+            };
+            let b = &mut t.open[bi];
+            let removed = b.body.len() - u.body_len;
+            t.buffered -= removed;
+            self.buffered_bytes -= removed;
+            b.body.truncate(u.body_len);
+            b.rows.truncate(u.rows);
+            b.oldest_timestamp_ms = u.oldest_timestamp_ms;
+            for seg in b.segments.drain(u.segments..) {
                 self.tracker.release(&seg);
+            }
+            if u.created {
+                t.open.swap_remove(bi);
             }
         }
     }
 
-    /// Closes table `ti`'s open batch and hands it to its sink (or keeps it
-    /// waiting when the sink's queue is full).
-    fn close_batch(&mut self, ti: usize) {
+    /// Closes open batch `bi` of table `ti` and hands it to its sink (or
+    /// queues it while the sink's queue is full).
+    fn close_batch(&mut self, ti: usize, bi: usize) {
         let t = &mut self.tables[ti];
-        if t.rows == 0 || t.waiting.is_some() {
+        if bi >= t.open.len() {
             return;
         }
-        t.capacity_hint = t.body.len().max(64 * 1024);
-        // `Bytes` keeps the whole allocation: give back what a burst reserved.
-        if t.body.capacity() > t.body.len() + t.body.len() / 4 {
-            t.body.shrink_to_fit();
+        let mut b = t.open.swap_remove(bi);
+        if b.rows.is_empty() {
+            return;
         }
-        let batch = ReadyBatch {
+        t.capacity_hint = b.body.len().max(64 * 1024);
+        // `Bytes` keeps the whole allocation: give back what a burst reserved.
+        if b.body.capacity() > b.body.len() + b.body.len() / 4 {
+            b.body.shrink_to_fit();
+        }
+        let range = b.partition.map(|k| BatchRange {
+            table: t.name.clone(),
+            topic: self.topics[k.topic as usize].name.clone(),
+            partition: k.partition,
+            first: b.first,
+            last: b.replay_last.unwrap_or(b.last),
+        });
+        t.waiting.push_back(ReadyBatch {
             table: ti,
-            rows: std::mem::take(&mut t.rows),
-            body: Bytes::from(std::mem::take(&mut t.body)),
-            segments: std::mem::take(&mut t.segments),
-            oldest_timestamp_ms: t.oldest_timestamp_ms.take(),
-        };
-        t.opened = None;
-        t.waiting = Some(batch);
+            body: Bytes::from(b.body),
+            rows: b.rows,
+            segments: b.segments,
+            oldest_timestamp_ms: b.oldest_timestamp_ms,
+            range,
+        });
         self.send_waiting(ti);
+    }
+
+    /// Closes every open batch of table `ti` that holds one of `keys`. A
+    /// replayed range not read to its end yet is abandoned instead: its
+    /// records stay uncommitted and the next owner replays the whole range.
+    fn close_batches_of(&mut self, ti: usize, keys: &[PartitionKey]) {
+        let mut bi = 0;
+        while bi < self.tables[ti].open.len() {
+            let b = &self.tables[ti].open[bi];
+            let holds = b.segments.iter().any(|s| keys.contains(&s.key));
+            if holds && b.replay_last.is_some() {
+                let t = &mut self.tables[ti];
+                let b = t.open.swap_remove(bi);
+                t.buffered = t.buffered.saturating_sub(b.body.len());
+                self.buffered_bytes = self.buffered_bytes.saturating_sub(b.body.len());
+                self.abandoned.extend_from_slice(&b.segments);
+            } else if holds {
+                // swap_remove moves the last batch here: look at `bi` again.
+                self.close_batch(ti, bi);
+            } else {
+                bi += 1;
+            }
+        }
     }
 
     fn send_waiting(&mut self, ti: usize) {
         let t = &mut self.tables[ti];
-        if let Some(batch) = t.waiting.take() {
+        while let Some(batch) = t.waiting.pop_front() {
             match t.tx.try_send(batch) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(b)) => t.waiting = Some(b),
+                Err(mpsc::error::TrySendError::Full(b)) => {
+                    t.waiting.push_front(b);
+                    return;
+                }
                 Err(mpsc::error::TrySendError::Closed(b)) => {
-                    t.waiting = Some(b);
-                    if self.fatal.is_none() {
-                        self.fatal = Some(PipelineError::Internal(format!(
-                            "the insert task of table {} has stopped",
-                            t.name
-                        )));
-                    }
+                    t.waiting.push_front(b);
+                    let e = PipelineError::Internal(format!(
+                        "the insert task of table {} has stopped",
+                        t.name
+                    ));
+                    self.fail(e);
+                    return;
                 }
             }
         }
     }
 
+    fn batch_done(&mut self, batch: &ReadyBatch) {
+        let t = &mut self.tables[batch.table];
+        t.buffered = t.buffered.saturating_sub(batch.body.len());
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(batch.body.len());
+    }
+
     /// Handles one sink outcome.
     fn on_event(&mut self, ev: SinkEvent) {
         match ev {
-            SinkEvent::Inserted(batch) => {
-                self.buffered_bytes = self.buffered_bytes.saturating_sub(batch.body.len());
+            SinkEvent::Inserted { batch, rejected: _ } => {
+                self.batch_done(&batch);
                 for seg in &batch.segments {
                     self.tracker.release(seg);
                 }
@@ -428,15 +804,40 @@ impl Core {
                         .observe((now_ms - ts).max(0) as f64 / 1000.0);
                 }
             }
+            SinkEvent::Dropped(batch) => {
+                // Its partition was revoked: the tracker no longer knows the
+                // segments' generation, and the new owner replays the range.
+                self.batch_done(&batch);
+            }
             SinkEvent::Failed { batch, error } => {
                 // The batch's offsets stay held: nothing at or above its first
                 // offset in any of its partitions will be committed.
+                self.batch_done(&batch);
                 let table = self.tables[batch.table].name.clone();
                 self.refused.extend_from_slice(&batch.segments);
-                if self.fatal.is_none() {
-                    self.fatal = Some(self.insert_failure(&table, &batch, error));
-                }
+                let e = self.insert_failure(&table, &batch, error);
+                self.fail(e);
             }
+            SinkEvent::DeadLettered { segment, error } => match error {
+                None => {
+                    self.tracker.release(&segment);
+                    let topic = &self.topics[segment.key.topic as usize].name;
+                    self.metrics
+                        .dead_letters
+                        .with_label_values(&[topic, "", "decode"])
+                        .inc();
+                }
+                Some(why) => {
+                    self.refused.push(segment);
+                    let topic = &self.topics[segment.key.topic as usize].name;
+                    let e = PipelineError::DeadLetter(format!(
+                        "the dead-letter topic did not take the record {topic}[{}] at offset {}: {why}; \
+                         nothing at or after it was committed",
+                        segment.key.partition, segment.first_offset
+                    ));
+                    self.fail(e);
+                }
+            },
         }
     }
 
@@ -454,7 +855,7 @@ impl Core {
             .join(", ");
         PipelineError::Insert {
             table: table.to_string(),
-            rows: batch.rows,
+            rows: batch.rows.len(),
             origin,
             error,
         }
@@ -471,12 +872,22 @@ impl Core {
         let mut next_deadline = self.limits.commit_interval.min(Duration::from_millis(100));
         for ti in 0..self.tables.len() {
             self.send_waiting(ti);
-            if let Some(opened) = self.tables[ti].opened {
-                let age = now.duration_since(opened);
+            let mut bi = 0;
+            while bi < self.tables[ti].open.len() {
+                let b = &self.tables[ti].open[bi];
+                // A replayed range closes at its recorded end, never earlier:
+                // inserted short under its token, the rest would be dropped
+                // as a duplicate.
+                if b.replay_last.is_some() {
+                    bi += 1;
+                    continue;
+                }
+                let age = now.duration_since(b.opened);
                 if age >= self.limits.max_wait {
-                    self.close_batch(ti);
+                    self.close_batch(ti, bi);
                 } else {
                     next_deadline = next_deadline.min(self.limits.max_wait - age);
+                    bi += 1;
                 }
             }
         }
@@ -487,10 +898,11 @@ impl Core {
         // is below batch.max_bytes: send the largest rather than wait for max_wait.
         if self.buffered_bytes >= self.limits.max_buffered_bytes {
             let largest = (0..self.tables.len())
-                .filter(|&i| self.tables[i].rows > 0 && self.tables[i].waiting.is_none())
-                .max_by_key(|&i| self.tables[i].body.len());
-            if let Some(i) = largest {
-                self.close_batch(i);
+                .flat_map(|ti| (0..self.tables[ti].open.len()).map(move |bi| (ti, bi)))
+                .filter(|&(ti, bi)| self.tables[ti].open[bi].replay_last.is_none())
+                .max_by_key(|&(ti, bi)| self.tables[ti].open[bi].body.len());
+            if let Some((ti, bi)) = largest {
+                self.close_batch(ti, bi);
             }
         }
         self.apply_backpressure(consumer);
@@ -498,40 +910,74 @@ impl Core {
         next_deadline
     }
 
-    fn pressure(&self) -> bool {
-        self.buffered_bytes >= self.limits.max_buffered_bytes
-            || self.tables.iter().any(|t| t.waiting.is_some())
+    /// Topics to pause: those feeding a table whose sink is behind (batches
+    /// queued) or, with the memory budget reached, a table holding at least
+    /// its share of it. A healthy table's topics keep flowing.
+    fn topics_to_pause(&self) -> BTreeSet<u32> {
+        let over = self.buffered_bytes >= self.limits.max_buffered_bytes;
+        let share = self.limits.max_buffered_bytes / self.tables.len().max(1);
+        let full: Vec<bool> = self
+            .tables
+            .iter()
+            .map(|t| !t.waiting.is_empty() || (over && t.buffered >= share))
+            .collect();
+        (0..self.topics.len() as u32)
+            .filter(|&ti| {
+                self.topics[ti as usize]
+                    .routes
+                    .iter()
+                    .any(|&r| full[self.routes[r].table])
+            })
+            .collect()
     }
 
-    /// Pauses fetching while buffers are full and resumes once they drain.
-    /// Pausing (rather than not polling) keeps the group membership alive
-    /// however long ClickHouse is away.
+    /// Pauses fetching of the topics that feed full tables and resumes them
+    /// once they drain. Pausing (rather than not polling) keeps the group
+    /// membership alive however long ClickHouse is away.
     fn apply_backpressure(&mut self, consumer: &Consumer) {
-        let want = self.pressure();
+        let want = self.topics_to_pause();
         if want == self.paused {
             return;
         }
         let Ok(assignment) = consumer.assignment() else {
             return;
         };
-        let result = if want {
-            consumer.pause(&assignment)
-        } else {
-            consumer.resume(&assignment)
-        };
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let Some(key) = self.key(e.topic(), e.partition()) else {
+                continue;
+            };
+            let (now, before) = (want.contains(&key.topic), self.paused.contains(&key.topic));
+            if now && !before {
+                pause.add_partition(e.topic(), e.partition());
+            } else if before && !now {
+                resume.add_partition(e.topic(), e.partition());
+            }
+        }
+        let result = consumer
+            .pause(&pause)
+            .and_then(|()| consumer.resume(&resume));
         match result {
             Ok(()) => {
-                self.paused = want;
-                self.metrics.paused.set(i64::from(want));
+                let names = |set: &BTreeSet<u32>| {
+                    set.iter()
+                        .map(|&t| self.topics[t as usize].name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
                 tracing::info!(
                     buffered_bytes = self.buffered_bytes,
+                    paused = %names(&want),
                     "{}",
-                    if want {
-                        "buffers full: consumption paused until inserts catch up"
+                    if want.len() > self.paused.len() {
+                        "tables full: consumption of the topics feeding them paused until inserts catch up"
                     } else {
                         "consumption resumed"
                     }
                 );
+                self.metrics.paused.set(i64::from(!want.is_empty()));
+                self.paused = want;
             }
             Err(e) => tracing::warn!(error = %e, "could not pause/resume partitions"),
         }
@@ -562,27 +1008,104 @@ impl Core {
     }
 
     pub fn on_assign(&mut self, tpl: &TopicPartitionList) {
+        let mut keys = Vec::new();
         for e in tpl.elements() {
             if let Some(key) = self.key(e.topic(), e.partition()) {
                 self.tracker.assign(key);
+                self.ownership.set(key, self.tracker.generation(key));
+                keys.push(key);
             }
         }
         tracing::info!(partitions = %describe(tpl), "partitions assigned");
+        if self.exactly_once.is_some() {
+            self.recover(&keys);
+        }
     }
 
-    /// Newly assigned partitions take the pause state of the rest. librdkafka
-    /// keeps a partition's pause flag across revocation and reassignment, so a
-    /// partition revoked while paused would otherwise come back paused for good.
-    pub fn after_assign(&mut self, consumer: &Consumer, tpl: &TopicPartitionList) {
-        if tpl.count() == 0 {
-            return;
-        }
-        let result = if self.paused {
-            consumer.pause(tpl)
-        } else {
-            consumer.resume(tpl)
+    /// Exactly-once: reads the ranges recorded for `keys` (by whichever
+    /// process owned them before), waiting for ClickHouse as long as it takes
+    /// unless a shutdown is requested. Returns false on shutdown.
+    fn recover(&mut self, keys: &[PartitionKey]) -> bool {
+        let Some(eo) = &self.exactly_once else {
+            return true;
         };
-        if let Err(e) = result {
+        let topics: Vec<String> = keys
+            .iter()
+            .map(|k| self.topics[k.topic as usize].name.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut attempt = 0;
+        let latest = loop {
+            let read = eo.runtime.block_on(async {
+                tokio::select! {
+                    r = tokio::time::timeout(Duration::from_secs(30), eo.state.latest(&topics)) => Some(r),
+                    _ = eo.stop.cancelled() => None,
+                }
+            });
+            match read {
+                None => return false,
+                Some(Ok(Ok(latest))) => break latest,
+                Some(Ok(Err(e)))
+                    if crate::sink::errors::classify(&e).class
+                        != crate::sink::ErrorClass::Transient =>
+                {
+                    let e = PipelineError::Config(format!(
+                        "exactly-once: cannot read the recorded batch ranges from {}: {e}",
+                        eo.state.name()
+                    ));
+                    self.fail(e);
+                    return false;
+                }
+                Some(Ok(Err(e))) => {
+                    tracing::warn!(state_table = %eo.state.name(), error = %e, attempt,
+                        "exactly-once: cannot read the recorded batch ranges; the assigned partitions wait until ClickHouse answers")
+                }
+                Some(Err(_)) => tracing::warn!(state_table = %eo.state.name(), attempt,
+                    "exactly-once: reading the recorded batch ranges timed out; retrying"),
+            }
+            let wait = crate::sink::backoff(&eo.retry, attempt);
+            attempt += 1;
+            std::thread::sleep(wait);
+        };
+        for &key in keys {
+            let topic = &self.topics[key.topic as usize];
+            for &r in &topic.routes {
+                let table = &mut self.tables[self.routes[r].table];
+                match latest.get(&(table.name.clone(), topic.name.clone(), key.partition)) {
+                    Some(&(first, last)) => {
+                        table
+                            .recovery
+                            .insert(key, Recovery::Recorded { first, last });
+                    }
+                    None => {
+                        table.recovery.remove(&key);
+                    }
+                }
+            }
+            self.recovered.insert(key);
+        }
+        true
+    }
+
+    /// Newly assigned partitions take the pause state of their topic.
+    /// librdkafka keeps a partition's pause flag across revocation and
+    /// reassignment, so a partition revoked while paused would otherwise
+    /// come back paused for good.
+    pub fn after_assign(&mut self, consumer: &Consumer, tpl: &TopicPartitionList) {
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let paused = self
+                .key(e.topic(), e.partition())
+                .is_some_and(|k| self.paused.contains(&k.topic));
+            let list = if paused { &mut pause } else { &mut resume };
+            list.add_partition(e.topic(), e.partition());
+        }
+        if let Err(e) = consumer
+            .pause(&pause)
+            .and_then(|()| consumer.resume(&resume))
+        {
             tracing::warn!(error = %e, "could not set the pause state of newly assigned partitions");
         }
     }
@@ -614,11 +1137,49 @@ impl Core {
             self.commit(consumer, CommitMode::Sync, Some(&keys));
             tracing::info!(partitions = %describe(tpl), drained, "partitions revoked");
         }
-        for key in keys {
+        for &key in &keys {
             self.tracker.revoke(key);
+            self.ownership.remove(key);
+            self.recovered.remove(&key);
+            for t in &mut self.tables {
+                t.recovery.remove(&key);
+            }
             self.metrics
                 .forget_partition(&self.topics[key.topic as usize].name, key.partition);
         }
+        self.abandoned.retain(|s| !keys.contains(&s.key));
+        if self.exactly_once.is_some() {
+            self.discard_batches_of(&keys);
+        }
+    }
+
+    /// Exactly-once: batches of partitions no longer owned are not inserted
+    /// (the new owner replays their ranges); their memory is given back.
+    fn discard_batches_of(&mut self, keys: &[PartitionKey]) {
+        let mut freed = 0;
+        for t in &mut self.tables {
+            let before = t.open.len() + t.waiting.len();
+            let mut gone = 0;
+            t.open.retain(|b| {
+                let keep = !b.partition.is_some_and(|k| keys.contains(&k));
+                if !keep {
+                    gone += b.body.len();
+                }
+                keep
+            });
+            t.waiting.retain(|b| {
+                let keep = !b.segments.iter().any(|s| keys.contains(&s.key));
+                if !keep {
+                    gone += b.body.len();
+                }
+                keep
+            });
+            if t.open.len() + t.waiting.len() < before {
+                t.buffered = t.buffered.saturating_sub(gone);
+                freed += gone;
+            }
+        }
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(freed);
     }
 
     /// Closes every batch holding records of `keys` (all when `None`) and waits
@@ -630,28 +1191,12 @@ impl Core {
             None => self.tracker.keys().collect(),
         };
         for ti in 0..self.tables.len() {
-            if self.tables[ti]
-                .segments
-                .iter()
-                .any(|s| keys.contains(&s.key))
-            {
-                self.close_batch(ti);
-            }
+            self.close_batches_of(ti, &keys);
         }
         let deadline = Instant::now() + self.limits.drain_timeout;
         loop {
             for ti in 0..self.tables.len() {
                 self.send_waiting(ti);
-                // A batch that was waiting for room may hold these partitions
-                // too; once it is sent, close the next one if it does.
-                if self.tables[ti].waiting.is_none()
-                    && self.tables[ti]
-                        .segments
-                        .iter()
-                        .any(|s| keys.contains(&s.key))
-                {
-                    self.close_batch(ti);
-                }
             }
             // Refused batches stay held for good: wait for everything else.
             let refused = self
@@ -659,11 +1204,16 @@ impl Core {
                 .iter()
                 .filter(|s| keys.contains(&s.key))
                 .count();
+            let abandoned = self
+                .abandoned
+                .iter()
+                .filter(|s| keys.contains(&s.key))
+                .count();
             let held = keys
                 .iter()
                 .map(|k| self.tracker.held(*k))
                 .sum::<usize>()
-                .saturating_sub(refused);
+                .saturating_sub(refused + abandoned);
             if held == 0 {
                 return refused == 0;
             }
@@ -738,12 +1288,12 @@ mod tests {
             RouteState::new(
                 0,
                 Box::new(JsonDecoder::new(&a, UnknownFields::Ignore)),
-                OnError::Skip,
+                &route_config(OnError::Skip),
             ),
             RouteState::new(
                 1,
                 Box::new(JsonDecoder::new(&b, UnknownFields::Ignore)),
-                b_policy,
+                &route_config(b_policy),
             ),
         ];
         let limits = Limits {
@@ -760,6 +1310,11 @@ mod tests {
             routes,
             tables,
             events_rx,
+            Shared {
+                ownership: Arc::new(Ownership::default()),
+                dead_letters: None,
+                exactly_once: None,
+            },
             metrics,
         );
         Harness {
@@ -769,14 +1324,165 @@ mod tests {
         }
     }
 
+    fn route_config(on_error: OnError) -> crate::config::RouteConfig {
+        crate::config::RouteConfig {
+            topics: vec!["t".into()],
+            table: "x".into(),
+            format: Default::default(),
+            unknown_fields: UnknownFields::Ignore,
+            on_error,
+            dead_letter_topic: None,
+            max_failed_ratio: 0.5,
+            failed_window: Duration::from_secs(60),
+        }
+    }
+
     fn record(offset: i64, json: &str) -> Record<'_> {
+        record_at(0, offset, json)
+    }
+
+    fn record_at(partition: i32, offset: i64, json: &str) -> Record<'_> {
         Record {
             topic: "t",
-            partition: 0,
+            partition,
             offset,
             timestamp_ms: None,
+            key: None,
             value: Some(json.as_bytes()),
+            headers: None,
         }
+    }
+
+    /// The harness in exactly-once mode, with the recorded ranges of
+    /// partition 0 already read (`recorded` for table a).
+    fn exactly_once_harness(recorded: Option<(i64, i64)>) -> (Harness, tokio::runtime::Runtime) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut h = harness(OnError::Skip, 1000);
+        h.core.exactly_once = Some(ExactlyOnce {
+            state: StateStore::new(
+                clickhouse::Client::default(),
+                ("db".into(), "state".into()),
+                "g",
+            ),
+            runtime: rt.handle().clone(),
+            retry: crate::config::RetryConfig::default(),
+            stop: CancellationToken::new(),
+        });
+        for p in [0, 1] {
+            h.core.recovered.insert(PartitionKey {
+                topic: 0,
+                partition: p,
+            });
+        }
+        if let Some((first, last)) = recorded {
+            h.core.tables[0]
+                .recovery
+                .insert(P0, Recovery::Recorded { first, last });
+        }
+        (h, rt)
+    }
+
+    fn ranges(h: &mut Harness, table: usize) -> Vec<(i32, i64, i64, usize)> {
+        let mut out = Vec::new();
+        while let Ok(b) = h.sinks[table].try_recv() {
+            let r = b.range.unwrap();
+            out.push((r.partition, r.first, r.last, b.rows.len()));
+        }
+        out
+    }
+
+    fn close_all(h: &mut Harness) {
+        for ti in 0..h.core.tables.len() {
+            while !h.core.tables[ti].open.is_empty() {
+                h.core.close_batch(ti, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn exactly_once_batches_hold_one_partition_each() {
+        let (mut h, _rt) = exactly_once_harness(None);
+        for o in 0..3 {
+            h.core.on_record(&record_at(0, o, r#"{"id":1}"#));
+            h.core.on_record(&record_at(1, o + 10, r#"{"id":2}"#));
+        }
+        close_all(&mut h);
+        let mut got = ranges(&mut h, 0);
+        got.sort();
+        assert_eq!(got, vec![(0, 0, 2, 3), (1, 10, 12, 3)]);
+    }
+
+    #[test]
+    fn a_recorded_range_is_replayed_exactly_when_the_commit_is_below_it() {
+        let (mut h, _rt) = exactly_once_harness(Some((10, 19)));
+        // The group's commit stands at 5: 5..9 are in table a already.
+        for o in 5..25 {
+            h.core.on_record(&record(o, r#"{"id":1}"#));
+        }
+        close_all(&mut h);
+        assert_eq!(ranges(&mut h, 0), vec![(0, 10, 19, 10), (0, 20, 24, 5)]);
+        // Table b has no recorded range: everything from 5, in one batch.
+        assert_eq!(ranges(&mut h, 1), vec![(0, 5, 24, 20)]);
+        assert_eq!(h.core.tracker.position(P0), Some(5), "held by the batches");
+    }
+
+    #[test]
+    fn a_replayed_range_keeps_its_end_when_its_last_records_fail() {
+        let (mut h, _rt) = exactly_once_harness(Some((10, 14)));
+        for o in 10..13 {
+            h.core.on_record(&record(o, r#"{"id":1}"#));
+        }
+        // 13 and 14 cannot become rows; the range still ends at 14.
+        h.core.on_record(&record(13, r#"{"id":"x"}"#));
+        h.core.on_record(&record(14, r#"not json"#));
+        h.core.on_record(&record(15, r#"{"id":1}"#));
+        close_all(&mut h);
+        assert_eq!(ranges(&mut h, 0), vec![(0, 10, 14, 3), (0, 15, 15, 1)]);
+    }
+
+    #[test]
+    fn a_commit_past_a_recorded_range_start_skips_the_whole_range() {
+        let (mut h, _rt) = exactly_once_harness(Some((10, 19)));
+        // Commit at 12 > 10: the batch [10, 19] was acknowledged.
+        for o in 12..22 {
+            h.core.on_record(&record(o, r#"{"id":1}"#));
+        }
+        close_all(&mut h);
+        assert_eq!(ranges(&mut h, 0), vec![(0, 20, 21, 2)]);
+        assert_eq!(ranges(&mut h, 1), vec![(0, 12, 21, 10)]);
+    }
+
+    #[test]
+    fn revoked_partitions_lose_their_exactly_once_batches() {
+        let (mut h, _rt) = exactly_once_harness(None);
+        h.core.on_record(&record_at(0, 0, r#"{"id":1}"#));
+        h.core.on_record(&record_at(1, 0, r#"{"id":1}"#));
+        let before = h.core.buffered_bytes;
+        h.core.discard_batches_of(&[P0]);
+        assert_eq!(h.core.tables[0].open.len(), 1);
+        assert!(h.core.buffered_bytes < before);
+        close_all(&mut h);
+        assert_eq!(ranges(&mut h, 0), vec![(1, 0, 0, 1)]);
+    }
+
+    #[test]
+    fn a_route_failing_above_its_ratio_stops_with_the_counts() {
+        let mut h = harness(OnError::Skip, 1000);
+        let mut stopped_at = None;
+        for o in 0..300 {
+            let json = if o % 3 == 0 { r#"{"id":1}"# } else { "bad" };
+            if !h.core.on_record(&record(o, json)) {
+                stopped_at = Some(o);
+                break;
+            }
+        }
+        // Two thirds fail: the limit (0.5) trips once 100 records are seen.
+        assert_eq!(stopped_at, Some(100));
+        let msg = h.core.fatal().unwrap().to_string();
+        assert!(msg.contains("more than max_failed_ratio = 0.5"), "{msg}");
+        assert!(msg.contains("t[0] at offset 100"), "{msg}");
     }
 
     const P0: PartitionKey = PartitionKey {
@@ -792,10 +1498,15 @@ mod tests {
         assert_eq!(h.core.tracker.position(P0), Some(0));
         let batch_a = h.sinks[0].try_recv().unwrap();
         let batch_b = h.sinks[1].try_recv().unwrap();
-        assert_eq!((batch_a.rows, batch_b.rows), (2, 2));
+        assert_eq!((batch_a.rows.len(), batch_b.rows.len()), (2, 2));
         // RowBinaryWithDefaults: a 0 flag, then the value.
         assert_eq!(&batch_b.body[..], &[0, 1, 0, 2]);
-        h.events.send(SinkEvent::Inserted(batch_a)).unwrap();
+        h.events
+            .send(SinkEvent::Inserted {
+                batch: batch_a,
+                rejected: 0,
+            })
+            .unwrap();
         while let Ok(ev) = h.core.events.try_recv() {
             h.core.on_event(ev);
         }
@@ -804,7 +1515,10 @@ mod tests {
             Some(0),
             "table b still holds offset 0"
         );
-        h.core.on_event(SinkEvent::Inserted(batch_b));
+        h.core.on_event(SinkEvent::Inserted {
+            batch: batch_b,
+            rejected: 0,
+        });
         assert_eq!(h.core.tracker.position(P0), Some(2));
         assert_eq!(h.core.buffered_bytes, 0);
     }
@@ -813,8 +1527,8 @@ mod tests {
     fn a_record_skipped_by_one_route_still_lands_in_the_other() {
         let mut h = harness(OnError::Skip, 100);
         h.core.on_record(&record(0, r#"{"id":300}"#)); // too big for b's UInt8
-        assert_eq!(h.core.tables[0].rows, 1);
-        assert_eq!(h.core.tables[1].rows, 0);
+        assert_eq!(h.core.tables[0].open[0].rows.len(), 1);
+        assert!(h.core.tables[1].open.is_empty());
         assert_eq!(
             h.core.tracker.position(P0),
             Some(0),
@@ -837,16 +1551,19 @@ mod tests {
     fn a_stop_takes_the_record_back_from_the_routes_that_took_it() {
         let mut h = harness(OnError::Stop, 100);
         h.core.on_record(&record(0, r#"{"id":1}"#));
-        let before = (h.core.tables[0].body.len(), h.core.buffered_bytes);
+        let before = (h.core.tables[0].open[0].body.len(), h.core.buffered_bytes);
         h.core.on_record(&record(1, r#"{"id":300}"#));
         assert!(matches!(
             h.core.fatal(),
             Some(PipelineError::BadRecord { offset: 1, .. })
         ));
         // Table a took offset 1 first; it was removed again.
-        assert_eq!(h.core.tables[0].rows, 1);
-        assert_eq!((h.core.tables[0].body.len(), h.core.buffered_bytes), before);
-        assert_eq!(h.core.tables[0].segments.len(), 1);
+        assert_eq!(h.core.tables[0].open[0].rows.len(), 1);
+        assert_eq!(
+            (h.core.tables[0].open[0].body.len(), h.core.buffered_bytes),
+            before
+        );
+        assert_eq!(h.core.tables[0].open[0].segments.len(), 1);
         assert_eq!(
             h.core.tracker.held(P0),
             2,

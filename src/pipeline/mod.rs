@@ -14,13 +14,16 @@ use rdkafka::message::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use self::core::{Core, Limits, Record, RouteState, TableState};
-use crate::config::Config;
+use self::core::{Core, ExactlyOnce, Limits, Record, RouteState, Shared, TableState};
+use crate::config::{Config, Delivery, OnError};
 use crate::decode::{self, RecordError};
+use crate::exactly_once::{self, StateStore};
 use crate::kafka::context::{BridgeContext, Consumer};
+use crate::kafka::dead_letter::DeadLetters;
+use crate::kafka::offsets::Ownership;
 use crate::observability::{Health, Metrics};
 use crate::schema::{self, TableSchema};
-use crate::sink::{self, ClickHouseWriter, InsertError, TableSink};
+use crate::sink::{self, ClickHouseWriter, InsertError, RowPolicy, TableSink};
 
 /// Why the pipeline stopped before being asked to.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,23 @@ pub enum PipelineError {
         origin: String,
         error: InsertError,
     },
+    #[error(
+        "route {route} ({table}): {failed} of the last {total} records failed within {window:?}, \
+         more than max_failed_ratio = {max_ratio}; the last: {last}. chbridge stopped rather than \
+         divert the whole topic: check the route's format and table (or the producer), then \
+         start again; raise routes[{route}].max_failed_ratio if this share is expected."
+    )]
+    TooManyFailures {
+        route: usize,
+        table: String,
+        failed: u64,
+        total: u64,
+        window: Duration,
+        max_ratio: f64,
+        last: String,
+    },
+    #[error("dead letters: {0}")]
+    DeadLetter(String),
     /// ClickHouse did not answer at start; retried until it does.
     #[error("{0}")]
     Unavailable(String),
@@ -128,8 +148,16 @@ pub async fn run(
     // A bridge may start before ClickHouse (a pod restart, a whole-cluster
     // start): wait for it, as for any transient failure, instead of exiting.
     let mut attempt = 0;
-    let (schemas, route_tables) = loop {
-        match load_tables(&config, &client).await {
+    let prepare = || async {
+        let (schemas, route_tables) = load_tables(&config, &client).await?;
+        let state = match config.delivery {
+            Delivery::AtLeastOnce => None,
+            Delivery::ExactlyOnce => Some(prepare_exactly_once(&config, &client, &schemas).await?),
+        };
+        Ok::<_, PipelineError>((schemas, route_tables, state))
+    };
+    let (schemas, route_tables, state) = loop {
+        match prepare().await {
             Err(PipelineError::Unavailable(why)) => {
                 let wait = sink::backoff(&config.retry, attempt);
                 attempt += 1;
@@ -145,11 +173,53 @@ pub async fn run(
     health.set_clickhouse_ok(true);
 
     let (events_tx, events_rx) = std_mpsc::channel();
+    let dead_letters = if config
+        .routes
+        .iter()
+        .any(|r| r.on_error == OnError::DeadLetter)
+    {
+        let dl = DeadLetters::new(&config.kafka, events_tx.clone()).map_err(|e| {
+            PipelineError::Config(format!(
+                "cannot create the dead-letter producer: {}",
+                crate::kafka::describe_client_error(&e)
+            ))
+        })?;
+        Some(Arc::new(dl))
+    } else {
+        None
+    };
+    let ownership = Arc::new(Ownership::default());
+    let topic_names: Vec<String> = config.topics();
+    let topic_list = Arc::new(topic_names.clone());
     let sinks_cancel = CancellationToken::new();
     let writer = Arc::new(ClickHouseWriter::new(&config.clickhouse));
     let mut tables = Vec::new();
-    for s in &schemas {
+    for (ti, s) in schemas.iter().enumerate() {
         let (tx, rx) = mpsc::channel(SINK_QUEUE);
+        // Per topic: the policy of the route from it to this table.
+        let feeding = |topic: &String| {
+            config
+                .routes
+                .iter()
+                .zip(&route_tables)
+                .find(|(r, &t)| t == ti && r.topics.contains(topic))
+                .map(|(r, _)| r)
+        };
+        let policies = topic_names
+            .iter()
+            .map(|t| match feeding(t) {
+                Some(r) if r.on_error == OnError::Skip => RowPolicy::Skip,
+                Some(r) if r.on_error == OnError::DeadLetter => {
+                    RowPolicy::DeadLetter(r.dead_letter_topic.clone().unwrap_or_default())
+                }
+                _ => RowPolicy::Stop,
+            })
+            .collect();
+        let max_rejected_ratio = topic_names
+            .iter()
+            .filter_map(feeding)
+            .map(|r| r.max_failed_ratio)
+            .fold(1.0, f64::min);
         let sink = TableSink {
             writer: writer.clone(),
             table_name: s.to_string(),
@@ -157,6 +227,13 @@ pub async fn run(
             retry: config.retry.clone(),
             metrics: metrics.clone(),
             health: health.clone(),
+            topics: topic_list.clone(),
+            policies,
+            max_rejected_ratio,
+            dead_letters: dead_letters.clone(),
+            state: state.clone(),
+            group: config.kafka.group_id.clone(),
+            ownership: ownership.clone(),
         };
         tokio::spawn(sink.run(rx, events_tx.clone(), sinks_cancel.clone()));
         tables.push(TableState::new(s.to_string(), tx));
@@ -172,27 +249,36 @@ pub async fn run(
             RouteState::new(
                 ti,
                 decode::decoder_for(r.format, &schemas[ti], r.unknown_fields),
-                r.on_error,
+                r,
             )
         })
         .collect();
-    let topics: Vec<(String, Vec<usize>)> = config
-        .topics()
-        .into_iter()
+    let topics: Vec<(String, Vec<usize>)> = topic_names
+        .iter()
         .map(|t| {
             let routes = (0..config.routes.len())
-                .filter(|&i| config.routes[i].topics.contains(&t))
+                .filter(|&i| config.routes[i].topics.contains(t))
                 .collect();
-            (t, routes)
+            (t.clone(), routes)
         })
         .collect();
-    let topic_names: Vec<String> = topics.iter().map(|(t, _)| t.clone()).collect();
+    let shared = Shared {
+        ownership,
+        dead_letters: dead_letters.clone(),
+        exactly_once: state.map(|state| ExactlyOnce {
+            state,
+            runtime: tokio::runtime::Handle::current(),
+            retry: config.retry.clone(),
+            stop: shutdown.clone(),
+        }),
+    };
     let core = Core::new(
         Limits::from_config(&config),
         topics,
         routes,
         tables,
         events_rx,
+        shared,
         metrics.clone(),
     );
 
@@ -222,7 +308,52 @@ pub async fn run(
             .map_err(|e| PipelineError::Internal(format!("consumer thread failed: {e}")))?;
     sinks_cancel.cancel();
     let _ = ping.await;
+    if let Some(dl) = dead_letters {
+        // Every dead letter whose offset was committed is acknowledged
+        // already; this only avoids librdkafka's warning on close.
+        tokio::task::spawn_blocking(move || dl.flush(Duration::from_secs(5)))
+            .await
+            .ok();
+    }
     result
+}
+
+/// Exactly-once needs the state table, and target tables that deduplicate.
+async fn prepare_exactly_once(
+    config: &Config,
+    client: &clickhouse::Client,
+    schemas: &[TableSchema],
+) -> Result<StateStore, PipelineError> {
+    let store = StateStore::new(client.clone(), config.state_table(), &config.kafka.group_id);
+    let tables: Vec<(String, String)> = schemas
+        .iter()
+        .map(|s| (s.database.clone(), s.table.clone()))
+        .collect();
+    let problems = exactly_once::table_problems(client, &tables)
+        .await
+        .map_err(|e| {
+            PipelineError::Unavailable(format!("cannot read the target tables' engines: {e}"))
+        })?;
+    if !problems.is_empty() {
+        return Err(PipelineError::Config(format!(
+            "delivery = \"exactly-once\" cannot be kept:\n{}",
+            problems.join("\n")
+        )));
+    }
+    store.ensure().await.map_err(|e| {
+        if sink::errors::classify(&e).class == sink::ErrorClass::Transient {
+            return PipelineError::Unavailable(format!(
+                "cannot create the exactly-once state table: {e}"
+            ));
+        }
+        PipelineError::Config(format!(
+            "cannot create the exactly-once state table {}: {e}. Create it yourself (see \
+             `chbridge check`) or grant CREATE TABLE on its database",
+            store.name()
+        ))
+    })?;
+    tracing::info!(state_table = %store.name(), "exactly-once: batch ranges are recorded before each insert");
+    Ok(store)
 }
 
 /// Keeps `/readyz` honest while no insert is running.
@@ -280,7 +411,9 @@ fn consumer_loop(
                     partition: msg.partition(),
                     offset: msg.offset(),
                     timestamp_ms: msg.timestamp().to_millis(),
+                    key: msg.key(),
                     value: msg.payload(),
+                    headers: msg.headers(),
                 };
                 if !ctx.core().on_record(&rec) {
                     break;

@@ -15,7 +15,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClickHouseConfig, RetryConfig};
-use crate::kafka::offsets::Segment;
+use crate::exactly_once::{BatchRange, StateStore};
+use crate::kafka::dead_letter::{origin_of, DeadLetters, Failure, Origin, Ticket};
+use crate::kafka::offsets::{Ownership, PartitionKey, Segment};
 use crate::observability::{Health, Metrics};
 pub use errors::{ErrorClass, InsertError};
 
@@ -23,32 +25,64 @@ pub use errors::{ErrorClass, InsertError};
 #[derive(Debug)]
 pub struct ReadyBatch {
     pub table: usize,
-    pub rows: usize,
     pub body: Bytes,
+    /// One entry per row, in body order.
+    pub rows: Vec<RowOrigin>,
     /// Where the rows came from: released when ClickHouse acknowledges them.
     pub segments: Vec<Segment>,
     /// Oldest Kafka timestamp in the batch (ms since the epoch), for latency.
     pub oldest_timestamp_ms: Option<i64>,
+    /// Exactly-once: the offset range of the one partition the batch covers.
+    pub range: Option<BatchRange>,
+}
+
+/// Where a row's encoding ends in its batch's body, and its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowOrigin {
+    pub end: usize,
+    pub key: PartitionKey,
+    pub offset: i64,
+}
+
+impl ReadyBatch {
+    /// The bytes of rows `lo..hi`.
+    fn body_of(&self, lo: usize, hi: usize) -> Bytes {
+        let start = if lo == 0 { 0 } else { self.rows[lo - 1].end };
+        let end = if hi == 0 { 0 } else { self.rows[hi - 1].end };
+        self.body.slice(start..end)
+    }
 }
 
 /// What a sink task reports back.
 #[derive(Debug)]
 pub enum SinkEvent {
-    Inserted(ReadyBatch),
+    /// Every row is in ClickHouse, except `rejected` ones that ClickHouse
+    /// refused and that were dead-lettered or skipped by the route's policy.
+    Inserted { batch: ReadyBatch, rejected: usize },
     /// The batch cannot be inserted (data or fatal error, or attempts exhausted).
     Failed {
         batch: ReadyBatch,
         error: InsertError,
+    },
+    /// Exactly-once: the batch's partition was revoked before its insert
+    /// began; the new owner reads its records again.
+    Dropped(ReadyBatch),
+    /// A dead letter sent by the consumer thread was acknowledged (or not).
+    DeadLettered {
+        segment: Segment,
+        error: Option<String>,
     },
 }
 
 /// Sends one encoded batch to ClickHouse. A trait because the retry loop is
 /// tested against a writer that fails on cue.
 pub trait Writer: Send + Sync + 'static {
+    /// `token`, when given, is the insert's `insert_deduplication_token`.
     fn insert(
         &self,
         sql: &str,
         body: Bytes,
+        token: Option<&str>,
     ) -> impl Future<Output = Result<(), InsertError>> + Send;
 }
 
@@ -91,11 +125,18 @@ impl ClickHouseWriter {
 }
 
 impl Writer for ClickHouseWriter {
-    async fn insert(&self, sql: &str, body: Bytes) -> Result<(), InsertError> {
+    async fn insert(&self, sql: &str, body: Bytes, token: Option<&str>) -> Result<(), InsertError> {
         let mut insert = self
             .client
             .insert_formatted_with(sql.to_string())
             .with_timeouts(Some(self.timeout), Some(self.timeout));
+        if let Some(token) = token {
+            // Materialized views below the table deduplicate with it too.
+            insert = insert
+                .with_setting("insert_deduplicate", "1")
+                .with_setting("insert_deduplication_token", token)
+                .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1");
+        }
         let mut offset = 0;
         while offset < body.len() {
             let end = (offset + CHUNK).min(body.len());
@@ -120,6 +161,14 @@ pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
+/// What happens to a row ClickHouse refuses, for the rows of one topic.
+#[derive(Debug, Clone)]
+pub enum RowPolicy {
+    Stop,
+    Skip,
+    DeadLetter(String),
+}
+
 /// Everything a table's sink task needs.
 pub struct TableSink<W> {
     pub writer: Arc<W>,
@@ -128,6 +177,23 @@ pub struct TableSink<W> {
     pub retry: RetryConfig,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// Topic names, indexed like `PartitionKey::topic`.
+    pub topics: Arc<Vec<String>>,
+    /// Per topic index: the policy of the route from that topic to this table.
+    pub policies: Vec<RowPolicy>,
+    /// Stop isolating bad rows once more than this share of a batch was refused.
+    pub max_rejected_ratio: f64,
+    pub dead_letters: Option<Arc<DeadLetters>>,
+    /// Exactly-once: where batch ranges are recorded, and the group for tokens.
+    pub state: Option<StateStore>,
+    pub group: String,
+    pub ownership: Arc<Ownership>,
+}
+
+/// A row ClickHouse refused on its own.
+struct Rejected {
+    row: usize,
+    error: InsertError,
 }
 
 impl<W: Writer> TableSink<W> {
@@ -144,41 +210,332 @@ impl<W: Writer> TableSink<W> {
             _ = cancel.cancelled() => None,
         } {
             let outcome = tokio::select! {
-                r = self.insert_with_retry(&batch) => r,
+                r = self.deliver(&batch) => r,
                 _ = cancel.cancelled() => return,
             };
-            let event = match outcome {
-                Ok(()) => SinkEvent::Inserted(batch),
-                Err(error) => SinkEvent::Failed { batch, error },
+            let (event, failed) = match outcome {
+                Ok(Some(rejected)) => (SinkEvent::Inserted { batch, rejected }, false),
+                Ok(None) => (SinkEvent::Dropped(batch), false),
+                Err(error) => (SinkEvent::Failed { batch, error }, true),
             };
-            if events.send(event).is_err() {
+            // After a failure nothing more is inserted: the commit cannot
+            // pass the failed batch anyway, and with exactly-once a later
+            // batch's recorded range would claim the failed one had landed.
+            if events.send(event).is_err() || failed {
                 return;
             }
         }
     }
 
-    async fn insert_with_retry(&self, batch: &ReadyBatch) -> Result<(), InsertError> {
+    /// Whether this process still owns the partition of an exactly-once batch.
+    fn owned(&self, batch: &ReadyBatch) -> bool {
+        batch.range.is_none() || batch.segments.iter().all(|s| self.ownership.owns(s))
+    }
+
+    /// Inserts one batch; returns how many rows ClickHouse refused (and the
+    /// policy handled), or None when the batch was dropped unsent.
+    async fn deliver(&self, batch: &ReadyBatch) -> Result<Option<usize>, InsertError> {
+        let token = match &batch.range {
+            None => None,
+            Some(range) => {
+                // Fenced: after a revocation the new owner replays this
+                // range; inserting it here as well could race its intent.
+                if !self.owned(batch) {
+                    return Ok(None);
+                }
+                self.record_range(range).await?;
+                if !self.owned(batch) {
+                    return Ok(None);
+                }
+                Some(range.token(&self.group))
+            }
+        };
+        let n = batch.rows.len();
+        match self
+            .insert_with_retry(batch.body.clone(), n, token.as_deref())
+            .await
+        {
+            Ok(()) => {
+                self.count_inserted(batch, n);
+                Ok(Some(0))
+            }
+            Err(e) if e.class == ErrorClass::Data && self.may_isolate(batch) => {
+                let rejected = self.isolate(batch, token.as_deref(), e).await?;
+                self.count_inserted(batch, n - rejected.len());
+                self.handle_rejected(batch, &rejected).await?;
+                Ok(Some(rejected.len()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Exactly-once step 1: the range is in the state table before the insert.
+    async fn record_range(&self, range: &BatchRange) -> Result<(), InsertError> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let mut attempt = 0u32;
+        loop {
+            match state.record(std::slice::from_ref(range)).await {
+                Ok(()) => {
+                    self.metrics.state_writes.with_label_values(&["ok"]).inc();
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.metrics
+                        .state_writes
+                        .with_label_values(&["failed"])
+                        .inc();
+                    let e = errors::classify(&e);
+                    if e.class != ErrorClass::Transient {
+                        return Err(InsertError {
+                            message: format!(
+                                "cannot record the batch range in the exactly-once state table {}: {}",
+                                state.name(),
+                                e.message
+                            ),
+                            ..e
+                        });
+                    }
+                    let wait = backoff(&self.retry, attempt);
+                    attempt += 1;
+                    tracing::warn!(table = %self.table_name, attempt, error = %e, "recording a batch range failed, will retry");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Isolating bad rows is worth it unless every row's route says stop.
+    fn may_isolate(&self, batch: &ReadyBatch) -> bool {
+        batch.rows.iter().any(|r| {
+            !matches!(
+                self.policies.get(r.key.topic as usize),
+                Some(RowPolicy::Stop) | None
+            )
+        })
+    }
+
+    /// Splits a refused batch until the rows ClickHouse refuses on their own
+    /// are found; every other row is inserted. ClickHouse's "at row N" points
+    /// at a culprit directly; otherwise the range is halved. With exactly-once
+    /// each part carries a token derived from the batch's and the part's rows,
+    /// so a replay after a crash splits and deduplicates the same way.
+    async fn isolate(
+        &self,
+        batch: &ReadyBatch,
+        token: Option<&str>,
+        first: InsertError,
+    ) -> Result<Vec<Rejected>, InsertError> {
+        let n = batch.rows.len();
+        let limit = ((n as f64 * self.max_rejected_ratio).ceil() as usize).max(10);
+        let mut rejected = Vec::new();
+        let mut work: Vec<(usize, usize, Option<InsertError>)> = vec![(0, n, Some(first))];
+        while let Some((lo, hi, known)) = work.pop() {
+            let err = match known {
+                Some(e) => e,
+                None => {
+                    self.metrics
+                        .bisect_inserts
+                        .with_label_values(&[&self.table_name])
+                        .inc();
+                    let part_token = token.map(|t| format!("{t}/{lo}-{hi}"));
+                    match self
+                        .insert_with_retry(batch.body_of(lo, hi), hi - lo, part_token.as_deref())
+                        .await
+                    {
+                        Ok(()) => continue,
+                        Err(e) if e.class == ErrorClass::Data => e,
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            if hi - lo == 1 {
+                let row = batch.rows[lo];
+                if matches!(
+                    self.policies.get(row.key.topic as usize),
+                    Some(RowPolicy::Stop) | None
+                ) {
+                    return Err(InsertError {
+                        message: format!(
+                            "the record at {}[{}] offset {} was refused (route on_error = \"stop\"): {}",
+                            self.topic_name(row.key.topic),
+                            row.key.partition,
+                            row.offset,
+                            err.message
+                        ),
+                        ..err
+                    });
+                }
+                rejected.push(Rejected {
+                    row: lo,
+                    error: err,
+                });
+                if rejected.len() > limit {
+                    return Err(InsertError {
+                        message: format!(
+                            "ClickHouse refused more than {limit} rows of a batch of {n} \
+                             (max_failed_ratio); the last: {}",
+                            rejected
+                                .last()
+                                .map(|r| r.error.message.as_str())
+                                .unwrap_or("")
+                        ),
+                        class: ErrorClass::Data,
+                        code: None,
+                    });
+                }
+                continue;
+            }
+            match row_hint(&err.message).filter(|&h| h < hi - lo) {
+                // Popped in order: the rows before the culprit, the culprit, the rest.
+                Some(h) => {
+                    work.push((lo + h + 1, hi, None));
+                    work.push((lo + h, lo + h + 1, None));
+                    if h > 0 {
+                        work.push((lo, lo + h, None));
+                    }
+                }
+                None => {
+                    let mid = lo + (hi - lo) / 2;
+                    work.push((mid, hi, None));
+                    work.push((lo, mid, None));
+                }
+            }
+            // Empty ranges (a culprit at the very end) are simply skipped.
+            work.retain(|(a, b, _)| a < b);
+        }
+        Ok(rejected)
+    }
+
+    fn topic_name(&self, topic: u32) -> &str {
+        self.topics
+            .get(topic as usize)
+            .map(String::as_str)
+            .unwrap_or("?")
+    }
+
+    /// Dead-letters or counts the refused rows; returns once the broker has
+    /// every dead letter, so the batch's offsets can be released.
+    async fn handle_rejected(
+        &self,
+        batch: &ReadyBatch,
+        rejected: &[Rejected],
+    ) -> Result<(), InsertError> {
+        let mut waits = Vec::new();
+        for r in rejected {
+            let row = batch.rows[r.row];
+            let topic = self.topic_name(row.key.topic).to_string();
+            self.metrics
+                .records_failed
+                .with_label_values(&[&topic, &self.table_name, "rejected"])
+                .inc();
+            match self.policies.get(row.key.topic as usize) {
+                Some(RowPolicy::DeadLetter(dlq)) => {
+                    let Some(dl) = self.dead_letters.clone() else {
+                        continue;
+                    };
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let (dlq, table, message) = (
+                        dlq.clone(),
+                        self.table_name.clone(),
+                        r.error.message.clone(),
+                    );
+                    let sent = tokio::task::spawn_blocking(move || {
+                        let failure = Failure {
+                            table: &table,
+                            class: "data",
+                            message: &message,
+                        };
+                        match dl.fetch_original(&topic, row.key.partition, row.offset) {
+                            Ok(m) => dl.send(&dlq, &origin_of(&m), &failure, Ticket::Notify(tx)),
+                            Err(why) => {
+                                // Retention removed it: send what is known.
+                                let message = format!(
+                                    "{message}; the original record could not be read again: {why}"
+                                );
+                                let origin = Origin {
+                                    topic: &topic,
+                                    partition: row.key.partition,
+                                    offset: row.offset,
+                                    timestamp_ms: None,
+                                    key: None,
+                                    value: None,
+                                    headers: None,
+                                };
+                                dl.send(
+                                    &dlq,
+                                    &origin,
+                                    &Failure {
+                                        message: &message,
+                                        ..failure
+                                    },
+                                    Ticket::Notify(tx),
+                                )
+                            }
+                        }
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("dead-letter task failed: {e}")));
+                    sent.map_err(dead_letter_error)?;
+                    waits.push((rx, row));
+                }
+                _ => tracing::warn!(
+                    table = %self.table_name,
+                    topic = %self.topic_name(row.key.topic),
+                    partition = row.key.partition,
+                    offset = row.offset,
+                    error = %r.error,
+                    "ClickHouse refused a row; skipped (on_error = \"skip\")"
+                ),
+            }
+        }
+        for (rx, row) in waits {
+            match rx.await {
+                Ok(Ok(())) => self
+                    .metrics
+                    .dead_letters
+                    .with_label_values(&[self.topic_name(row.key.topic), &self.table_name, "data"])
+                    .inc(),
+                Ok(Err(m)) => return Err(dead_letter_error(m)),
+                Err(_) => return Err(dead_letter_error("the producer was closed".into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn count_inserted(&self, batch: &ReadyBatch, rows: usize) {
+        let table = self.table_name.as_str();
+        let m = &self.metrics;
+        m.rows_inserted
+            .with_label_values(&[table])
+            .inc_by(rows as u64);
+        m.insert_bytes
+            .with_label_values(&[table])
+            .inc_by(batch.body.len() as u64);
+        m.batches_inserted.with_label_values(&[table]).inc();
+        m.batch_rows
+            .with_label_values(&[table])
+            .observe(rows as f64);
+    }
+
+    async fn insert_with_retry(
+        &self,
+        body: Bytes,
+        rows: usize,
+        token: Option<&str>,
+    ) -> Result<(), InsertError> {
         let table = self.table_name.as_str();
         let mut attempt = 0u32;
         loop {
             let started = Instant::now();
-            match self.writer.insert(&self.sql, batch.body.clone()).await {
+            match self.writer.insert(&self.sql, body.clone(), token).await {
                 Ok(()) => {
                     self.health.set_clickhouse_ok(true);
-                    let m = &self.metrics;
-                    m.insert_duration
+                    self.metrics
+                        .insert_duration
                         .with_label_values(&[table])
                         .observe(started.elapsed().as_secs_f64());
-                    m.rows_inserted
-                        .with_label_values(&[table])
-                        .inc_by(batch.rows as u64);
-                    m.insert_bytes
-                        .with_label_values(&[table])
-                        .inc_by(batch.body.len() as u64);
-                    m.batches_inserted.with_label_values(&[table]).inc();
-                    m.batch_rows
-                        .with_label_values(&[table])
-                        .observe(batch.rows as f64);
                     if attempt > 0 {
                         tracing::info!(
                             table,
@@ -213,7 +570,7 @@ impl<W: Writer> TableSink<W> {
                     let wait = backoff(&self.retry, attempt - 1);
                     tracing::warn!(
                         table,
-                        rows = batch.rows,
+                        rows,
                         attempt,
                         retry_in_ms = wait.as_millis() as u64,
                         error = %e,
@@ -230,6 +587,24 @@ impl<W: Writer> TableSink<W> {
     }
 }
 
+fn dead_letter_error(message: String) -> InsertError {
+    InsertError {
+        class: ErrorClass::Fatal,
+        code: None,
+        message: format!("the dead-letter producer failed: {message}"),
+    }
+}
+
+/// ClickHouse names the failing row of an insert as "at row N" (1-based);
+/// returns it 0-based.
+fn row_hint(message: &str) -> Option<usize> {
+    let rest = &message[message.find("at row ")? + 7..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse::<usize>().ok()?.checked_sub(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,7 +617,12 @@ mod tests {
     }
 
     impl Writer for ScriptedWriter {
-        async fn insert(&self, _sql: &str, body: Bytes) -> Result<(), InsertError> {
+        async fn insert(
+            &self,
+            _sql: &str,
+            body: Bytes,
+            _token: Option<&str>,
+        ) -> Result<(), InsertError> {
             self.bodies.lock().unwrap().push(body);
             match self.failures.lock().unwrap().pop() {
                 Some(e) => Err(e),
@@ -259,12 +639,152 @@ mod tests {
         }
     }
 
+    /// Refuses any insert holding one of the `bad` bytes (each row is one
+    /// byte), naming the row as ClickHouse does when `hint` is set; keeps
+    /// what landed.
+    struct RefusingWriter {
+        bad: Vec<u8>,
+        hint: bool,
+        landed: Mutex<Vec<u8>>,
+        tokens: Mutex<Vec<String>>,
+    }
+
+    impl Writer for RefusingWriter {
+        async fn insert(
+            &self,
+            _sql: &str,
+            body: Bytes,
+            token: Option<&str>,
+        ) -> Result<(), InsertError> {
+            self.tokens
+                .lock()
+                .unwrap()
+                .push(token.unwrap_or("").to_string());
+            match body.iter().position(|b| self.bad.contains(b)) {
+                Some(i) => Err(InsertError {
+                    class: ErrorClass::Data,
+                    code: Some(469),
+                    message: if self.hint {
+                        format!("Code: 469. Constraint `c` is violated at row {}.", i + 1)
+                    } else {
+                        "Code: 469. Constraint `c` is violated.".into()
+                    },
+                }),
+                None => {
+                    self.landed.lock().unwrap().extend_from_slice(&body);
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn refusing(bad: &[u8], hint: bool) -> TableSink<RefusingWriter> {
+        sink_with(
+            RefusingWriter {
+                bad: bad.to_vec(),
+                hint,
+                landed: Mutex::new(Vec::new()),
+                tokens: Mutex::new(Vec::new()),
+            },
+            0,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_split_until_only_the_bad_rows_are_left() {
+        for hint in [true, false] {
+            let s = refusing(&[7, 13, 14], hint);
+            let b = batch_of(40);
+            let rejected = s.deliver(&b).await.unwrap();
+            assert_eq!(rejected, Some(3), "hint={hint}");
+            let mut landed = s.writer.landed.lock().unwrap().clone();
+            landed.sort();
+            let expected: Vec<u8> = (0..40).filter(|b| ![7, 13, 14].contains(b)).collect();
+            assert_eq!(landed, expected, "every good row lands once (hint={hint})");
+            assert_eq!(
+                s.metrics
+                    .records_failed
+                    .with_label_values(&["t", "db.t", "rejected"])
+                    .get(),
+                3
+            );
+            assert_eq!(
+                s.metrics.rows_inserted.with_label_values(&["db.t"]).get(),
+                37
+            );
+        }
+        // ClickHouse's row number finds each culprit in a few inserts.
+        let s = refusing(&[7, 13, 14], true);
+        s.deliver(&batch_of(40)).await.unwrap();
+        assert!(s.writer.tokens.lock().unwrap().len() <= 10);
+    }
+
+    #[tokio::test]
+    async fn parts_of_an_exactly_once_batch_carry_tokens_derived_from_its_range() {
+        let s = refusing(&[3], true);
+        let mut b = batch_of(8);
+        b.range = Some(BatchRange {
+            table: "db.t".into(),
+            topic: "t".into(),
+            partition: 0,
+            first: 100,
+            last: 107,
+        });
+        // The sink only inserts batches of partitions it owns.
+        s.ownership.set(P0, 1);
+        b.segments = vec![Segment {
+            key: P0,
+            generation: 1,
+            first_offset: 100,
+        }];
+        assert_eq!(s.deliver(&b).await.unwrap(), Some(1));
+        let tokens = s.writer.tokens.lock().unwrap().clone();
+        assert_eq!(
+            tokens,
+            vec![
+                "chbridge|g|db.t|t|0|100-107",
+                "chbridge|g|db.t|t|0|100-107/0-3",
+                "chbridge|g|db.t|t|0|100-107/3-4",
+                "chbridge|g|db.t|t|0|100-107/4-8",
+            ]
+        );
+        // Revoked meanwhile: nothing is sent.
+        s.ownership.remove(P0);
+        assert_eq!(s.deliver(&b).await.unwrap(), None);
+        assert_eq!(s.writer.tokens.lock().unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn too_many_refused_rows_fail_the_batch_instead_of_splitting_forever() {
+        let all: Vec<u8> = (0..40).collect();
+        let s = refusing(&all, true);
+        let e = s.deliver(&batch_of(40)).await.unwrap_err();
+        assert!(e.message.contains("refused more than 20 rows"), "{e}");
+    }
+
+    #[test]
+    fn row_hints_are_read_from_clickhouse_messages() {
+        assert_eq!(
+            row_hint("Constraint `c` for table t is violated at row 2. Expression"),
+            Some(1)
+        );
+        assert_eq!(row_hint("Cannot parse input: (at row 1)\n"), Some(0));
+        assert_eq!(row_hint("no row here"), None);
+    }
+
     fn sink(failures: Vec<InsertError>, max_attempts: u32) -> TableSink<ScriptedWriter> {
-        TableSink {
-            writer: Arc::new(ScriptedWriter {
+        sink_with(
+            ScriptedWriter {
                 failures: Mutex::new(failures),
                 bodies: Mutex::new(Vec::new()),
-            }),
+            },
+            max_attempts,
+        )
+    }
+
+    fn sink_with<W: Writer>(writer: W, max_attempts: u32) -> TableSink<W> {
+        TableSink {
+            writer: Arc::new(writer),
             table_name: "db.t".into(),
             sql: "INSERT".into(),
             retry: RetryConfig {
@@ -274,16 +794,36 @@ mod tests {
             },
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new(Duration::from_secs(60))),
+            topics: Arc::new(vec!["t".into()]),
+            policies: vec![RowPolicy::Skip],
+            max_rejected_ratio: 0.5,
+            dead_letters: None,
+            state: None,
+            group: "g".into(),
+            ownership: Arc::new(Ownership::default()),
         }
     }
 
-    fn batch() -> ReadyBatch {
+    const P0: PartitionKey = PartitionKey {
+        topic: 0,
+        partition: 0,
+    };
+
+    /// `n` one-byte rows: row i is the byte i, at offset 100 + i.
+    fn batch_of(n: usize) -> ReadyBatch {
         ReadyBatch {
             table: 0,
-            rows: 2,
-            body: Bytes::from_static(b"rows"),
+            body: Bytes::from((0..n as u8).collect::<Vec<u8>>()),
+            rows: (0..n)
+                .map(|i| RowOrigin {
+                    end: i + 1,
+                    key: P0,
+                    offset: 100 + i as i64,
+                })
+                .collect(),
             segments: vec![],
             oldest_timestamp_ms: None,
+            range: None,
         }
     }
 
@@ -296,16 +836,13 @@ mod tests {
             ],
             0,
         );
-        s.insert_with_retry(&batch()).await.unwrap();
+        let b = batch_of(2);
+        s.insert_with_retry(b.body.clone(), 2, None).await.unwrap();
         let bodies = s.writer.bodies.lock().unwrap();
         assert_eq!(bodies.len(), 3);
-        assert!(bodies.iter().all(|b| b == &Bytes::from_static(b"rows")));
+        assert!(bodies.iter().all(|b| b[..] == [0, 1]));
         assert_eq!(
             s.metrics.insert_retries.with_label_values(&["db.t"]).get(),
-            2
-        );
-        assert_eq!(
-            s.metrics.rows_inserted.with_label_values(&["db.t"]).get(),
             2
         );
     }
@@ -313,7 +850,10 @@ mod tests {
     #[tokio::test]
     async fn data_errors_are_not_retried() {
         let s = sink(vec![err(ErrorClass::Data, 27)], 0);
-        let e = s.insert_with_retry(&batch()).await.unwrap_err();
+        let e = s
+            .insert_with_retry(batch_of(2).body, 2, None)
+            .await
+            .unwrap_err();
         assert_eq!(e.class, ErrorClass::Data);
         assert_eq!(s.writer.bodies.lock().unwrap().len(), 1);
         assert_eq!(
@@ -325,7 +865,10 @@ mod tests {
     #[tokio::test]
     async fn max_attempts_bounds_retries() {
         let s = sink(vec![err(ErrorClass::Transient, 241); 5], 3);
-        let e = s.insert_with_retry(&batch()).await.unwrap_err();
+        let e = s
+            .insert_with_retry(batch_of(2).body, 2, None)
+            .await
+            .unwrap_err();
         assert!(e.message.contains("gave up after 3 attempts"), "{e}");
         assert_eq!(s.writer.bodies.lock().unwrap().len(), 3);
     }

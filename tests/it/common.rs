@@ -546,3 +546,31 @@ pub fn simple_setup(
     );
     (db, topic, group, cfg)
 }
+
+/// Reads `count` records of partition 0 of `topic` from the beginning (or
+/// panics after `timeout`).
+pub fn read_topic(
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("partition");
+    c.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < count && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push(m.detach());
+        }
+    }
+    assert_eq!(out.len(), count, "records read from {topic}");
+    out
+}

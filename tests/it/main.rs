@@ -8,5 +8,7 @@ mod common;
 mod bad_records;
 mod check;
 mod clickhouse_outage;
+mod dead_letters;
 mod end_to_end;
+mod exactly_once;
 mod restarts;

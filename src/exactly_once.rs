@@ -1,0 +1,346 @@
+//! Exactly-once delivery into plain (non-replicated) ClickHouse tables, with
+//! no Keeper and no state in Kafka (see ARCHITECTURE.md for the proof sketch).
+//!
+//! In this mode a batch holds the records of one partition for one table,
+//! over an offset range [first, last]. Before the batch is inserted its range
+//! is recorded in a small state table; the insert then carries a
+//! deduplication token derived from the range. A table's sink writes the
+//! range of a partition's next batch only after the previous batch of that
+//! partition was acknowledged, so the latest recorded range [b, e] of a
+//! (table, partition) means: every record below `b` is in the table, and
+//! [b, e] may or may not be. Whoever owns the partition next skips what is
+//! below `b` for that table, cuts its first batch at exactly [b, e] and
+//! inserts it with the same token: ClickHouse drops it if it had landed,
+//! or fills in the parts that were missing.
+
+use std::collections::HashMap;
+
+use crate::schema::quote_ident;
+
+/// The offset range of one batch: what the state table records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRange {
+    /// `database.table`, as the routes name it after qualification.
+    pub table: String,
+    pub topic: String,
+    pub partition: i32,
+    pub first: i64,
+    pub last: i64,
+}
+
+impl BatchRange {
+    /// The insert's deduplication token. Readable on purpose: it shows up in
+    /// `system.query_log` and in the state table's neighbourhood when one
+    /// investigates a batch.
+    pub fn token(&self, group: &str) -> String {
+        format!(
+            "chbridge|{group}|{}|{}|{}|{}-{}",
+            self.table, self.topic, self.partition, self.first, self.last
+        )
+    }
+}
+
+/// The latest recorded range per (table, topic, partition).
+pub type LatestRanges = HashMap<(String, String, i32), (i64, i64)>;
+
+/// The state table of one consumer group.
+#[derive(Clone)]
+pub struct StateStore {
+    client: clickhouse::Client,
+    database: String,
+    table: String,
+    group: String,
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct LatestRow {
+    table: String,
+    topic: String,
+    partition: i32,
+    latest_first: i64,
+    latest_last: i64,
+}
+
+impl StateStore {
+    pub fn new(
+        client: clickhouse::Client,
+        (database, table): (String, String),
+        group: &str,
+    ) -> StateStore {
+        StateStore {
+            client,
+            database,
+            table,
+            group: group.to_string(),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.database, self.table)
+    }
+
+    fn qualified(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.database),
+            quote_ident(&self.table)
+        )
+    }
+
+    /// The DDL of the state table. A ReplacingMergeTree keyed by the batch's
+    /// (group, table, topic, partition) keeps one row per key once merged;
+    /// readers take the row with the highest `first` either way.
+    pub fn create_sql(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (\
+             `group` String, `table` String, `topic` String, `partition` Int32, \
+             `first` Int64, `last` Int64, `written` DateTime64(3) DEFAULT now64(3)) \
+             ENGINE = ReplacingMergeTree(`first`) \
+             ORDER BY (`group`, `table`, `topic`, `partition`)",
+            self.qualified()
+        )
+    }
+
+    /// Creates the state table if it does not exist.
+    pub async fn ensure(&self) -> Result<(), clickhouse::error::Error> {
+        self.client.query(&self.create_sql()).execute().await
+    }
+
+    /// The latest range of every (table, topic, partition) of this group among `topics`.
+    pub async fn latest(
+        &self,
+        topics: &[String],
+    ) -> Result<LatestRanges, clickhouse::error::Error> {
+        let sql = format!(
+            "SELECT `table`, `topic`, `partition`, max(`first`) AS latest_first, \
+             argMax(`last`, `first`) AS latest_last FROM {} \
+             WHERE `group` = ? AND has(?, `topic`) \
+             GROUP BY `table`, `topic`, `partition`",
+            self.qualified()
+        );
+        let rows: Vec<LatestRow> = self
+            .client
+            .query(&sql)
+            .bind(&self.group)
+            .bind(topics)
+            .fetch_all()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    (r.table, r.topic, r.partition),
+                    (r.latest_first, r.latest_last),
+                )
+            })
+            .collect())
+    }
+
+    /// Records the ranges of batches about to be inserted, in one insert.
+    pub async fn record(&self, ranges: &[BatchRange]) -> Result<(), clickhouse::error::Error> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let mut sql = format!(
+            "INSERT INTO {} (`group`, `table`, `topic`, `partition`, `first`, `last`) VALUES ",
+            self.qualified()
+        );
+        for i in 0..ranges.len() {
+            sql.push_str(if i == 0 {
+                "(?, ?, ?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?, ?, ?)"
+            });
+        }
+        let mut q = self.client.query(&sql);
+        for r in ranges {
+            q = q
+                .bind(&self.group)
+                .bind(&r.table)
+                .bind(&r.topic)
+                .bind(r.partition)
+                .bind(r.first)
+                .bind(r.last);
+        }
+        q.execute().await
+    }
+
+    /// Forgets the recorded ranges of this group (of one topic, or all):
+    /// after a deliberate offset reset, so that records below the old ranges
+    /// are inserted again instead of skipped.
+    pub async fn clear(&self, topic: Option<&str>) -> Result<u64, clickhouse::error::Error> {
+        let filter = "`group` = ? AND (? = '' OR `topic` = ?)";
+        let n: u64 = self
+            .client
+            .query(&format!(
+                "SELECT count() FROM {} WHERE {filter}",
+                self.qualified()
+            ))
+            .bind(&self.group)
+            .bind(topic.unwrap_or(""))
+            .bind(topic.unwrap_or(""))
+            .fetch_one()
+            .await?;
+        self.client
+            .query(&format!(
+                "DELETE FROM {} WHERE {filter} SETTINGS lightweight_deletes_sync = 2",
+                self.qualified()
+            ))
+            .bind(&self.group)
+            .bind(topic.unwrap_or(""))
+            .bind(topic.unwrap_or(""))
+            .execute()
+            .await?;
+        Ok(n)
+    }
+}
+
+/// What a table needs for exactly-once: a MergeTree-family engine with a
+/// deduplication window, large enough to remember a batch's token until it
+/// is replayed. Returns the problem, if any, with the fix.
+/// `server_default` gives the server's value of a MergeTree setting
+/// (`system.merge_tree_settings`), used where the table does not set it.
+pub fn table_problem(
+    engine: &str,
+    engine_full: &str,
+    server_default: impl Fn(&str) -> u64,
+    table: &str,
+) -> Option<String> {
+    if !engine.contains("MergeTree") {
+        return Some(format!(
+            "{table}: exactly-once needs a MergeTree-family table (insert deduplication); \
+             its engine is {engine}"
+        ));
+    }
+    let replicated = engine.starts_with("Replicated") || engine.starts_with("Shared");
+    let setting = if replicated {
+        "replicated_deduplication_window"
+    } else {
+        "non_replicated_deduplication_window"
+    };
+    let window = setting_value(engine_full, setting).unwrap_or_else(|| server_default(setting));
+    if window < MIN_DEDUP_WINDOW {
+        return Some(format!(
+            "{table}: exactly-once needs {setting} of at least {MIN_DEDUP_WINDOW} (it is {window}): \
+             the table must remember a batch's deduplication token until the batch can be \
+             replayed, through every other insert in between. Run: \
+             ALTER TABLE {table} MODIFY SETTING {setting} = 1000"
+        ));
+    }
+    None
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct EngineRow {
+    engine: String,
+    engine_full: String,
+}
+
+/// What each of `tables` lacks for exactly-once (see [`table_problem`]).
+pub async fn table_problems(
+    client: &clickhouse::Client,
+    tables: &[(String, String)],
+) -> Result<Vec<String>, clickhouse::error::Error> {
+    let defaults: Vec<(String, String)> = client
+        .query(
+            "SELECT name, value FROM system.merge_tree_settings \
+             WHERE name IN ('non_replicated_deduplication_window', 'replicated_deduplication_window')",
+        )
+        .fetch_all()
+        .await?;
+    let server_default = |name: &str| {
+        defaults
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut problems = Vec::new();
+    for (db, t) in tables {
+        let row: Option<EngineRow> = client
+            .query("SELECT engine, engine_full FROM system.tables WHERE database = ? AND name = ?")
+            .bind(db)
+            .bind(t)
+            .fetch_optional()
+            .await?;
+        if let Some(row) = row {
+            problems.extend(table_problem(
+                &row.engine,
+                &row.engine_full,
+                server_default,
+                &format!("{db}.{t}"),
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// Inserts into one table between a batch's attempt and its replay: one per
+/// partition per flush while the partition moves, plus bisection inserts.
+/// 100 covers a rebalance of dozens of partitions; 1000 is what we advise.
+pub const MIN_DEDUP_WINDOW: u64 = 100;
+
+/// Finds `name = N` in an engine's SETTINGS clause.
+fn setting_value(engine_full: &str, name: &str) -> Option<u64> {
+    let settings = &engine_full[engine_full.find("SETTINGS")?..];
+    let start = settings.find(&format!("{name} = "))? + name.len() + 3;
+    let rest = &settings[start..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_name_the_whole_range() {
+        let r = BatchRange {
+            table: "db.t".into(),
+            topic: "ev".into(),
+            partition: 3,
+            first: 100,
+            last: 199,
+        };
+        assert_eq!(r.token("g"), "chbridge|g|db.t|ev|3|100-199");
+    }
+
+    #[test]
+    fn tables_without_a_dedup_window_are_refused_with_the_fix() {
+        let p = table_problem(
+            "MergeTree",
+            "MergeTree ORDER BY id SETTINGS index_granularity = 8192",
+            |_| 0,
+            "db.t",
+        )
+        .unwrap();
+        assert!(
+            p.contains("ALTER TABLE db.t MODIFY SETTING non_replicated_deduplication_window"),
+            "{p}"
+        );
+        assert_eq!(
+            table_problem(
+                "MergeTree",
+                "MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 8192",
+                |_| 0,
+                "db.t"
+            ),
+            None
+        );
+        assert!(table_problem("Memory", "Memory", |_| 0, "db.t")
+            .unwrap()
+            .contains("MergeTree-family"));
+        let server = |s: &str| u64::from(s == "replicated_deduplication_window") * 1000;
+        assert_eq!(
+            table_problem(
+                "ReplicatedMergeTree",
+                "ReplicatedMergeTree('/t', 'r') ORDER BY id",
+                server,
+                "db.t"
+            ),
+            None
+        );
+    }
+}

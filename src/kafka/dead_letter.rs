@@ -1,0 +1,261 @@
+//! Dead letters: records that cannot become rows go to a topic of their own,
+//! unchanged, with headers saying where they came from and why they failed.
+//!
+//! A dead-lettered record counts as handled only once the broker has
+//! acknowledged its copy: until then its offset stays held, so a crash or a
+//! refused produce can never commit past a record that is neither in
+//! ClickHouse nor in the dead-letter topic.
+
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedHeaders, Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use crate::config::KafkaConfig;
+use crate::kafka::offsets::Segment;
+use crate::sink::SinkEvent;
+
+/// Headers chbridge adds to every dead letter.
+pub const H_TOPIC: &str = "chbridge.origin.topic";
+pub const H_PARTITION: &str = "chbridge.origin.partition";
+pub const H_OFFSET: &str = "chbridge.origin.offset";
+pub const H_TIMESTAMP: &str = "chbridge.origin.timestamp";
+pub const H_TABLE: &str = "chbridge.table";
+pub const H_CLASS: &str = "chbridge.error.class";
+pub const H_MESSAGE: &str = "chbridge.error.message";
+
+/// Who waits for a dead letter's acknowledgement.
+pub enum Ticket {
+    /// The consumer thread holds the record's offset until the broker has it.
+    Hold(Segment),
+    /// A sink task waits before reporting its batch done.
+    Notify(oneshot::Sender<Result<(), String>>),
+}
+
+pub struct DeliveryContext {
+    events: std_mpsc::Sender<SinkEvent>,
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<Ticket>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<Ticket>) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.to_string()),
+        };
+        match *ticket {
+            Ticket::Hold(segment) => {
+                let _ = self.events.send(SinkEvent::DeadLettered {
+                    segment,
+                    error: outcome.err(),
+                });
+            }
+            Ticket::Notify(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+}
+
+/// The failed record, as read from Kafka.
+pub struct Origin<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: Option<&'a BorrowedHeaders>,
+}
+
+/// Why it failed.
+pub struct Failure<'a> {
+    pub table: &'a str,
+    /// "decode" (the record cannot become a row) or "data" (ClickHouse refused the row).
+    pub class: &'a str,
+    pub message: &'a str,
+}
+
+pub struct DeadLetters {
+    producer: ThreadedProducer<DeliveryContext>,
+    /// For reading a record again by its offset (rows ClickHouse refused are
+    /// only held encoded; the original bytes are fetched when one is refused).
+    fetch: ClientConfig,
+}
+
+/// Properties of the user's Kafka configuration that concern the connection
+/// (brokers, TLS, SASL), which the producer and fetcher need as well.
+fn connection_properties(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in cfg.properties.iter() {
+        let shared = [
+            "security.",
+            "sasl.",
+            "ssl.",
+            "socket.",
+            "broker.",
+            "client.",
+            "api.version",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p));
+        if shared {
+            c.set(k, v);
+        }
+    }
+    c
+}
+
+impl DeadLetters {
+    pub fn new(
+        cfg: &KafkaConfig,
+        events: std_mpsc::Sender<SinkEvent>,
+    ) -> Result<DeadLetters, KafkaError> {
+        let mut p = connection_properties(cfg);
+        // A dead letter must not be lost or doubled by the producer itself.
+        p.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5");
+        let producer = p.create_with_context(DeliveryContext { events })?;
+        let mut fetch = connection_properties(cfg);
+        fetch
+            .set("group.id", format!("{}.chbridge-refetch", cfg.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.queue.backoff.ms", "10");
+        Ok(DeadLetters { producer, fetch })
+    }
+
+    /// Sends the failed record to `dlq_topic`; `ticket` learns the outcome.
+    /// Blocks while librdkafka's queue is full (it is drained by its own thread).
+    pub fn send(
+        &self,
+        dlq_topic: &str,
+        origin: &Origin<'_>,
+        failure: &Failure<'_>,
+        ticket: Ticket,
+    ) -> Result<(), String> {
+        let mut headers = OwnedHeaders::new();
+        if let Some(h) = origin.headers {
+            for i in 0..h.count() {
+                let header = h.get(i);
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        let partition = origin.partition.to_string();
+        let offset = origin.offset.to_string();
+        let timestamp = origin
+            .timestamp_ms
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        for (k, v) in [
+            (H_TOPIC, origin.topic),
+            (H_PARTITION, partition.as_str()),
+            (H_OFFSET, offset.as_str()),
+            (H_TIMESTAMP, timestamp.as_str()),
+            (H_TABLE, failure.table),
+            (H_CLASS, failure.class),
+            (H_MESSAGE, failure.message),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], Box<Ticket>> =
+            BaseRecord::with_opaque_to(dlq_topic, Box::new(ticket)).headers(headers);
+        if let Some(k) = origin.key {
+            record = record.key(k);
+        }
+        if let Some(v) = origin.value {
+            record = record.payload(v);
+        }
+        if let Some(ts) = origin.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if Instant::now() < deadline =>
+                {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((e, _)) => {
+                    return Err(format!("cannot send to dead-letter topic {dlq_topic}: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Reads the record at `offset` of `topic[partition]` again. Blocking.
+    pub fn fetch_original(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<OwnedMessage, String> {
+        let where_ = format!("{topic}[{partition}] at offset {offset}");
+        let consumer: BaseConsumer = self
+            .fetch
+            .create()
+            .map_err(|e| format!("cannot create a consumer to re-read {where_}: {e}"))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(|e| format!("cannot re-read {where_}: {e}"))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| format!("cannot re-read {where_}: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) if m.offset() == offset => return Ok(m.detach()),
+                Some(Ok(m)) if m.offset() > offset => {
+                    return Err(format!(
+                        "{where_} no longer exists (next is {})",
+                        m.offset()
+                    ))
+                }
+                Some(Ok(_)) | None => {}
+                Some(Err(e)) => tracing::debug!(error = %e, "re-reading a refused record"),
+            }
+        }
+        Err(format!("could not re-read {where_} within 30 s"))
+    }
+
+    /// Waits until every dead letter sent so far was acknowledged or failed.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+/// An origin built from a record read again (owned).
+pub fn origin_of(m: &OwnedMessage) -> Origin<'_> {
+    Origin {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key(),
+        value: m.payload(),
+        headers: m.headers().map(|h| h.as_borrowed()),
+    }
+}

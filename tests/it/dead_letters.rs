@@ -1,0 +1,121 @@
+//! Dead letters: records that cannot be decoded, and rows ClickHouse refuses
+//! (found by splitting the refused batch), go to the dead-letter topic with
+//! their origin; every other row lands.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use rdkafka::message::{Headers, Message};
+
+use crate::common::*;
+
+fn header(m: &rdkafka::message::OwnedMessage, name: &str) -> String {
+    m.headers()
+        .and_then(|h| h.iter().find(|x| x.key == name))
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn bad_records_and_refused_rows_go_to_the_dead_letter_topic_and_good_rows_land() {
+    let db = unique("it_dlq");
+    let topic = unique("dlq_src");
+    let dlq = unique("dlq");
+    let group = unique("g_dlq");
+    create_database(&db);
+    ch(&format!(
+        "CREATE TABLE {db}.t (id UInt64, p UInt8, payload String, \
+         CONSTRAINT no_rejects CHECK payload != 'reject me') ENGINE = MergeTree ORDER BY id"
+    ));
+    create_topic(&topic, 2);
+    create_topic(&dlq, 1);
+    let cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!(
+            "[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\non_error = \"dead-letter\"\n\
+             dead_letter_topic = \"{dlq}\"\n"
+        ),
+    );
+    let prod = TestProducer::new();
+    let good = 3_000u64;
+    let mut bad: HashMap<u64, (&str, Vec<u8>)> = HashMap::new();
+    for id in 0..good {
+        let p = (id % 2) as i32;
+        prod.send(&topic, Some(p), id, &simple_record(id, p));
+        let bad_id = 1_000_000 + id;
+        if id % 100 == 7 {
+            let v = b"{\"id\": 1, \"p\": 0".to_vec(); // decoding fails
+            prod.send(&topic, Some(p), bad_id, &v);
+            bad.insert(bad_id, ("decode", v));
+        } else if id % 100 == 57 {
+            // Valid for the decoder; the table's CHECK refuses it.
+            let v = format!(r#"{{"id":{bad_id},"p":{p},"payload":"reject me"}}"#).into_bytes();
+            prod.send(&topic, Some(p), bad_id, &v);
+            bad.insert(bad_id, ("data", v));
+        }
+    }
+    prod.flush();
+    let placement = prod.placement();
+    let dir = test_dir(&db);
+    let bridge = Bridge::start(&cfg, &dir);
+    assert!(
+        wait_until(Duration::from_secs(60), || ch_u64(&format!(
+            "SELECT count() FROM {db}.t"
+        )) >= good),
+        "good rows did not land; log:\n{}",
+        bridge.log_text()
+    );
+    let letters = read_topic(&dlq, bad.len(), Duration::from_secs(30));
+    assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), good);
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT uniqExact(id) FROM {db}.t WHERE id < {good}"
+        )),
+        good
+    );
+    // Each bad record exactly once, unchanged, naming where it came from and why.
+    let mut seen = BTreeSet::new();
+    for m in &letters {
+        let (p, o): (i32, i64) = (
+            header(m, "chbridge.origin.partition").parse().unwrap(),
+            header(m, "chbridge.origin.offset").parse().unwrap(),
+        );
+        let (&id, _) = placement
+            .iter()
+            .find(|(_, &at)| at == (p, o))
+            .expect("a dead letter of a produced record");
+        let (kind, value) = &bad[&id];
+        assert_eq!(m.payload().unwrap(), &value[..], "value of {id}");
+        assert_eq!(header(m, "chbridge.origin.topic"), topic);
+        assert_eq!(header(m, "chbridge.table"), format!("{db}.t"));
+        let class = header(m, "chbridge.error.class");
+        let message = header(m, "chbridge.error.message");
+        if *kind == "data" {
+            assert_eq!(class, "data", "{message}");
+            assert!(message.contains("VIOLATED_CONSTRAINT"), "{message}");
+        } else {
+            assert_ne!(class, "data", "{message}");
+        }
+        assert!(seen.insert(id), "{id} dead-lettered twice");
+    }
+    assert_eq!(seen.len(), bad.len());
+    // Offsets of dead letters are committed like the rest.
+    let ends: Vec<i64> = (0..2)
+        .map(|p| placement.values().filter(|(pp, _)| *pp == p).count() as i64)
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || committed(&group, &topic, 2)
+            == ends),
+        "committed {:?}, ends {ends:?}",
+        committed(&group, &topic, 2)
+    );
+    assert!(bridge.metric("chbridge_bisect_inserts_total", "") > 0.0);
+    assert_eq!(
+        bridge.metric("chbridge_records_failed_total", "reason=\"rejected\""),
+        bad.values().filter(|(k, _)| *k == "data").count() as f64
+    );
+    drop(bridge);
+    drop_database(&db);
+}

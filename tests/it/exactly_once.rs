@@ -1,0 +1,175 @@
+//! Exactly-once mode: crashes at any point leave every record in its table
+//! exactly once, on a plain MergeTree table without Keeper.
+
+use std::thread;
+use std::time::Duration;
+
+use crate::common::*;
+
+const PARTITIONS: i32 = 4;
+
+/// The simple table with the deduplication window exactly-once needs.
+const DEDUP_TABLE: &str = "(id UInt64, p UInt8, payload String) ENGINE = MergeTree ORDER BY id \
+                           SETTINGS non_replicated_deduplication_window = 1000";
+
+fn setup(name: &str, commit_interval: &str) -> (String, String, String, BridgeConfig) {
+    let db = unique(&format!("it_{name}"));
+    let topic = unique(name);
+    let group = unique(&format!("g_{name}"));
+    create_database(&db);
+    ch(&format!("CREATE TABLE {db}.t {DEDUP_TABLE}"));
+    create_topic(&topic, PARTITIONS);
+    let mut cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
+    );
+    cfg.extra = format!(
+        "delivery = \"exactly-once\"\n[exactly_once]\nstate_table = \"{db}.state\"\n\
+         [commit]\ninterval = \"{commit_interval}\"\n"
+    );
+    (db, topic, group, cfg)
+}
+
+/// With commits far apart, a crash leaves every landed batch uncommitted: an
+/// at-least-once restart would insert all of them again. Exactly-once skips
+/// what the recorded ranges cover and replays the last range with its token.
+#[test]
+fn a_crash_with_nothing_committed_duplicates_nothing() {
+    let (db, topic, group, cfg) = setup("eos_nocommit", "1h");
+    let prod = TestProducer::new();
+    produce_simple(&prod, &topic, PARTITIONS, 0, 20_000);
+    prod.flush();
+    let dir = test_dir(&db);
+    let count = || ch_u64(&format!("SELECT count() FROM {db}.t"));
+    let mut bridge = Bridge::start(&cfg, &dir);
+    assert!(
+        wait_until(Duration::from_secs(60), || count() == 20_000),
+        "rows did not land; log:\n{}",
+        bridge.log_text()
+    );
+    bridge.kill9();
+    assert_eq!(
+        committed(&group, &topic, PARTITIONS),
+        vec![-1; PARTITIONS as usize],
+        "nothing may be committed yet with a 1h commit interval"
+    );
+    let bridge = Bridge::start(&cfg, &dir);
+    // Everything is read again from the start...
+    assert!(
+        wait_until(Duration::from_secs(60), || bridge
+            .metric("chbridge_records_consumed_total", "")
+            >= 20_000.0),
+        "restart did not read the records again; log:\n{}",
+        bridge.log_text()
+    );
+    thread::sleep(Duration::from_secs(2));
+    // ...and nothing lands twice.
+    assert_eq!(count(), 20_000, "log:\n{}", bridge.log_text());
+    assert!(bridge.log_text().contains("exactly-once"));
+    // New records still flow.
+    produce_simple(&prod, &topic, PARTITIONS, 20_000, 5_000);
+    prod.flush();
+    assert!(
+        wait_until(Duration::from_secs(60), || count() >= 25_000),
+        "new rows did not land; log:\n{}",
+        bridge.log_text()
+    );
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(count(), 25_000);
+    assert_eq!(ch_u64(&format!("SELECT uniqExact(id) FROM {db}.t")), 25_000);
+    // The state table holds the last range of every partition.
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT uniqExact(partition) FROM {db}.state WHERE group = '{group}'"
+        )),
+        PARTITIONS as u64
+    );
+    drop(bridge);
+    drop_database(&db);
+}
+
+#[test]
+fn repeated_kill_9_mid_stream_loses_and_duplicates_nothing() {
+    let (db, topic, group, cfg) = setup("eos_kill9", "300ms");
+    let dir = test_dir(&db);
+    let total = 40_000u64;
+    let producer = {
+        let topic = topic.clone();
+        thread::spawn(move || {
+            let prod = TestProducer::new();
+            for c in 0..40 {
+                produce_simple(&prod, &topic, PARTITIONS, c * 1_000, 1_000);
+                thread::sleep(Duration::from_millis(200));
+            }
+            prod.flush();
+        })
+    };
+    let count = || ch_u64(&format!("SELECT count() FROM {db}.t"));
+    let mut bridge = Bridge::start(&cfg, &dir);
+    for at in [6_000, 14_000, 24_000] {
+        assert!(
+            wait_until(Duration::from_secs(60), || count() >= at),
+            "stuck below {at} rows; log:\n{}",
+            bridge.log_text()
+        );
+        bridge.kill9();
+        bridge = Bridge::start(&cfg, &dir);
+    }
+    producer.join().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(90), || committed(
+            &group, &topic, PARTITIONS
+        ) == vec![
+            (total / PARTITIONS as u64)
+                as i64;
+            PARTITIONS as usize
+        ]),
+        "commits did not reach the ends: {:?}; log:\n{}",
+        committed(&group, &topic, PARTITIONS),
+        bridge.log_text()
+    );
+    assert_eq!(
+        ch_u64(&format!("SELECT uniqExact(id) FROM {db}.t")),
+        total,
+        "lost rows"
+    );
+    assert_eq!(count(), total, "duplicated rows");
+    drop(bridge);
+    drop_database(&db);
+}
+
+#[test]
+fn check_names_what_a_table_lacks_for_exactly_once() {
+    let (db, _topic, _group, cfg) = setup("eos_check", "1s");
+    ch(&format!(
+        "CREATE TABLE {db}.plain (id UInt64) ENGINE = MergeTree ORDER BY id"
+    ));
+    let mut cfg = cfg;
+    cfg.routes = cfg.routes.replace("table = \"t\"", "table = \"plain\"");
+    let dir = test_dir(&db);
+    let path = write_config(&cfg, &dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chbridge"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "ALTER TABLE {db}.plain MODIFY SETTING non_replicated_deduplication_window = 1000"
+        )),
+        "{text}"
+    );
+    // `run` refuses it too, before consuming anything.
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let status = bridge.wait(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        bridge.log_text()
+    );
+    drop_database(&db);
+}
