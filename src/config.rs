@@ -41,6 +41,11 @@ pub struct Config {
     /// flush batches and commit before giving up. Default: "30s".
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A partition with lag whose commit position has not moved for this long
+    /// is reported stalled (`chbridge_partition_stalled`, a warning naming
+    /// what holds it). Default: "5m".
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
     /// "at-least-once" (default) or "exactly-once" (see docs/guarantees.md).
     #[serde(default)]
     pub delivery: Delivery,
@@ -77,6 +82,10 @@ impl Default for ExactlyOnceConfig {
             state_table: default_state_table(),
         }
     }
+}
+
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_state_table() -> String {
@@ -606,6 +615,9 @@ impl Config {
                     self.max_buffered_bytes, self.batch.max_bytes
                 ),
             ));
+        }
+        if self.stall_timeout.is_zero() {
+            return Err(invalid("stall_timeout", "must be more than 0"));
         }
         let state = &self.exactly_once.state_table;
         if state.trim().is_empty() || state.split('.').count() > 2 {

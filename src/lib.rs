@@ -17,5 +17,6 @@ pub mod exactly_once;
 pub mod kafka;
 pub mod observability;
 pub mod pipeline;
+pub mod replay;
 pub mod schema;
 pub mod sink;

@@ -47,6 +47,54 @@ enum Command {
         #[arg(short, long, env = "CHBRIDGE_CONFIG")]
         config: PathBuf,
     },
+    /// Dead letters: `chbridge dlq replay` inserts a route's dead letters into
+    /// its table after a fix.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// The exactly-once state: `chbridge state clear` forgets the recorded
+    /// batch ranges of the group (needed after a deliberate offset reset).
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Read the route's dead-letter topic (optionally a range of it), decode
+    /// each dead letter the route wrote, insert the rows into its table and
+    /// list what still fails. Safe to repeat on a table with a deduplication window.
+    Replay {
+        #[arg(short, long, env = "CHBRIDGE_CONFIG")]
+        config: PathBuf,
+        /// Index of the route in the configuration (routes[N]).
+        #[arg(long, default_value_t = 0)]
+        route: usize,
+        /// Only this partition of the dead-letter topic.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// First dead-letter offset to replay.
+        #[arg(long)]
+        from: Option<i64>,
+        /// Stop before this dead-letter offset.
+        #[arg(long)]
+        to: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Forget the group's recorded ranges (of one topic, or all). Stop every
+    /// bridge of the group first; records below the old ranges will then be
+    /// inserted again from wherever the group's offsets stand.
+    Clear {
+        #[arg(short, long, env = "CHBRIDGE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        topic: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +113,79 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => runtime.block_on(check(&config)),
         Command::Run { config } => runtime.block_on(run(&config)),
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    config,
+                    route,
+                    partition,
+                    from,
+                    to,
+                },
+        } => runtime.block_on(dlq_replay(
+            &config,
+            chbridge::replay::Range {
+                route,
+                partition,
+                from,
+                to,
+            },
+        )),
+        Command::State {
+            command: StateCommand::Clear { config, topic },
+        } => runtime.block_on(state_clear(&config, topic.as_deref())),
+    }
+}
+
+async fn dlq_replay(path: &std::path::Path, range: chbridge::replay::Range) -> ExitCode {
+    let config = match load(path, "dlq replay") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match chbridge::replay::replay(&config, &range).await {
+        Err(e) => {
+            eprintln!("chbridge dlq replay: {e}");
+            ExitCode::from(1)
+        }
+        Ok(r) => {
+            println!(
+                "dlq replay: read {} dead letters, inserted {} rows, {} belong to other routes, {} still fail",
+                r.read,
+                r.inserted,
+                r.other,
+                r.failing.len()
+            );
+            for (p, o, origin, e) in &r.failing {
+                println!("  dead letter [{p}] at offset {o} (from {origin}): {e}");
+            }
+            ExitCode::from(if r.failing.is_empty() { 0 } else { 2 })
+        }
+    }
+}
+
+async fn state_clear(path: &std::path::Path, topic: Option<&str>) -> ExitCode {
+    let config = match load(path, "state clear") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = chbridge::exactly_once::StateStore::new(
+        chbridge::sink::client(&config.clickhouse),
+        config.state_table(),
+        &config.kafka.group_id,
+    );
+    match store.clear(topic).await {
+        Ok(n) => {
+            println!(
+                "state clear: removed {n} recorded ranges of group {} from {}",
+                config.kafka.group_id,
+                store.name()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chbridge state clear: {}: {e}", store.name());
+            ExitCode::from(1)
+        }
     }
 }
 

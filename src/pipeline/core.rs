@@ -40,6 +40,7 @@ pub struct Limits {
     pub commit_interval: Duration,
     pub max_buffered_bytes: usize,
     pub drain_timeout: Duration,
+    pub stall_timeout: Duration,
 }
 
 impl Limits {
@@ -51,6 +52,7 @@ impl Limits {
             commit_interval: c.commit.interval,
             max_buffered_bytes: c.max_buffered_bytes.as_u64() as usize,
             drain_timeout: c.shutdown_timeout,
+            stall_timeout: c.stall_timeout,
         }
     }
 }
@@ -351,7 +353,18 @@ pub struct Core {
     exactly_once: Option<ExactlyOnce>,
     /// Exactly-once: partitions whose recorded ranges were read.
     recovered: HashSet<PartitionKey>,
+    watchdog: Watchdog,
     metrics: Arc<Metrics>,
+}
+
+/// Notices partitions whose commit position stopped moving while records
+/// wait behind it (see `Core::watch`).
+#[derive(Default)]
+struct Watchdog {
+    last_run: Option<Instant>,
+    /// Per partition: the position last seen and since when it has not moved.
+    progress: HashMap<PartitionKey, (i64, Instant)>,
+    stalled: HashSet<PartitionKey>,
 }
 
 /// A table's batch state before a record was appended to it.
@@ -426,6 +439,7 @@ impl Core {
             dead_letters: shared.dead_letters,
             exactly_once: shared.exactly_once,
             recovered: HashSet::new(),
+            watchdog: Watchdog::default(),
             metrics,
         }
     }
@@ -907,7 +921,148 @@ impl Core {
         }
         self.apply_backpressure(consumer);
         self.metrics.buffered_bytes.set(self.buffered_bytes as i64);
+        if self
+            .watchdog
+            .last_run
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.watchdog.last_run = Some(now);
+            self.watch(consumer, now);
+        }
         next_deadline
+    }
+
+    /// The stall watchdog: a partition whose commit position has not moved
+    /// for `stall_timeout` while the broker has records beyond it is marked
+    /// stalled, with what holds it. When nothing holds it and it is not
+    /// paused, librdkafka has stopped fetching it (seen in the wild): seeking
+    /// to the position restarts the fetcher.
+    fn watch(&mut self, consumer: &Consumer, now: Instant) {
+        let keys: Vec<PartitionKey> = self.tracker.keys().collect();
+        self.watchdog.progress.retain(|k, _| keys.contains(k));
+        self.watchdog.stalled.retain(|k| keys.contains(k));
+        for key in keys {
+            let Some(position) = self.tracker.position(key) else {
+                continue;
+            };
+            let topic = self.topics[key.topic as usize].name.clone();
+            let labels = [topic.as_str(), &key.partition.to_string()];
+            let (last, since) = *self.watchdog.progress.entry(key).or_insert((position, now));
+            if position != last {
+                self.watchdog.progress.insert(key, (position, now));
+                if self.watchdog.stalled.remove(&key) {
+                    self.metrics
+                        .partition_stalled
+                        .with_label_values(&labels)
+                        .set(0);
+                    tracing::info!(
+                        topic,
+                        partition = key.partition,
+                        position,
+                        "partition moving again"
+                    );
+                }
+                continue;
+            }
+            let high = self.metrics.high_watermark.with_label_values(&labels).get();
+            if high <= position
+                || now.duration_since(since) < self.limits.stall_timeout
+                || self.watchdog.stalled.contains(&key)
+            {
+                continue;
+            }
+            self.watchdog.stalled.insert(key);
+            self.metrics
+                .partition_stalled
+                .with_label_values(&labels)
+                .set(1);
+            let reason = self.holder(key, position);
+            tracing::warn!(
+                topic,
+                partition = key.partition,
+                position,
+                high_watermark = high,
+                stalled_for_s = now.duration_since(since).as_secs(),
+                reason = %reason,
+                "partition stalled: its commit position has not moved while records wait behind it"
+            );
+            if self.tracker.held(key) == 0 && !self.paused.contains(&key.topic) {
+                match consumer.seek(
+                    &topic,
+                    key.partition,
+                    Offset::Offset(position),
+                    Duration::from_secs(5),
+                ) {
+                    Ok(()) => tracing::warn!(
+                        topic,
+                        partition = key.partition,
+                        position,
+                        "restarted fetching of the stalled partition"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(topic, partition = key.partition, error = %e, "could not restart fetching of the stalled partition")
+                    }
+                }
+            }
+        }
+    }
+
+    /// What holds `key` at `position`, in words, for the stall warning.
+    fn holder(&self, key: PartitionKey, position: i64) -> String {
+        let holds = |segs: &[Segment]| {
+            segs.iter()
+                .any(|s| s.key == key && s.first_offset == position)
+        };
+        for t in &self.tables {
+            if let Some(b) = t.open.iter().find(|b| holds(&b.segments)) {
+                return match b.replay_last {
+                    Some(last) => format!(
+                        "a replayed exactly-once range of {} waits for records up to offset {last}",
+                        t.name
+                    ),
+                    None => format!("an open batch of {} ({} rows)", t.name, b.rows.len()),
+                };
+            }
+            if t.waiting.iter().any(|b| holds(&b.segments)) {
+                return format!(
+                    "a batch of {} queued behind inserts that have not finished",
+                    t.name
+                );
+            }
+        }
+        if self.refused.iter().any(|s| s.key == key) {
+            return "a batch ClickHouse refused (see the error above)".into();
+        }
+        if self.tracker.held(key) > 0 {
+            // Held by a batch a sink task has: name the tables with inserts in flight.
+            let busy: Vec<String> = self.topics[key.topic as usize]
+                .routes
+                .iter()
+                .map(|&r| &self.tables[self.routes[r].table])
+                .filter(|t| {
+                    let queued: usize = t.open.iter().map(|b| b.body.len()).sum::<usize>()
+                        + t.waiting.iter().map(|b| b.body.len()).sum::<usize>();
+                    t.buffered > queued
+                })
+                .map(|t| {
+                    let retries = self
+                        .metrics
+                        .insert_retries
+                        .with_label_values(&[&t.name])
+                        .get();
+                    format!("{} ({retries} retries so far)", t.name)
+                })
+                .collect();
+            return if busy.is_empty() {
+                "a dead letter not yet acknowledged by the broker".into()
+            } else {
+                format!("an insert into {} not yet acknowledged", busy.join(", "))
+            };
+        }
+        if self.paused.contains(&key.topic) {
+            return "consumption paused: the topic feeds a table whose inserts are behind".into();
+        }
+        "no records arrive from the broker although it reports more".into()
     }
 
     /// Topics to pause: those feeding a table whose sink is behind (batches
@@ -1303,6 +1458,7 @@ mod tests {
             commit_interval: Duration::from_secs(60),
             max_buffered_bytes: 1 << 24,
             drain_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(60),
         };
         let core = Core::new(
             limits,

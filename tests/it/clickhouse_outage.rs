@@ -26,7 +26,8 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
     );
     cfg.ch_port = server.http_port;
     // A small budget, so that the outage fills it and consumption must pause.
-    cfg.extra = "max_buffered_bytes = \"512KiB\"".into();
+    // A short stall timeout, so that the watchdog reports the outage.
+    cfg.extra = "max_buffered_bytes = \"512KiB\"\nstall_timeout = \"4s\"".into();
     cfg.batch_extra = "max_bytes = \"128KiB\"".into();
     let bridge = Bridge::start(&cfg, &dir);
 
@@ -80,6 +81,13 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
         buffered <= (512 + 64) as f64 * 1024.0,
         "buffer over budget: {buffered}"
     );
+    assert_eq!(
+        bridge.metric("chbridge_partition_stalled", ""),
+        PARTITIONS as f64,
+        "every partition waits on ClickHouse; log:\n{}",
+        bridge.log_text()
+    );
+    assert!(bridge.log_text().contains("partition stalled"));
 
     server.restart();
     let total = phase1 + phase2;
@@ -107,6 +115,12 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
         .all(|&o| o == all)),
         "offsets did not catch up: {:?}",
         committed(&group, &topic, PARTITIONS)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || bridge
+            .metric("chbridge_partition_stalled", "")
+            == 0.0),
+        "partitions still reported stalled after catching up"
     );
     let rows: u64 = server
         .sql("SELECT count() FROM it.t")

@@ -26,7 +26,8 @@ fn bad_records_and_refused_rows_go_to_the_dead_letter_topic_and_good_rows_land()
     create_database(&db);
     ch(&format!(
         "CREATE TABLE {db}.t (id UInt64, p UInt8, payload String, \
-         CONSTRAINT no_rejects CHECK payload != 'reject me') ENGINE = MergeTree ORDER BY id"
+         CONSTRAINT no_rejects CHECK payload != 'reject me') ENGINE = MergeTree ORDER BY id \
+         SETTINGS non_replicated_deduplication_window = 100"
     ));
     create_topic(&topic, 2);
     create_topic(&dlq, 1);
@@ -117,5 +118,41 @@ fn bad_records_and_refused_rows_go_to_the_dead_letter_topic_and_good_rows_land()
         bad.values().filter(|(k, _)| *k == "data").count() as f64
     );
     drop(bridge);
+
+    // The fix: the table accepts those rows now. Replaying inserts the
+    // refused rows; the undecodable records still fail and are listed.
+    ch(&format!("ALTER TABLE {db}.t DROP CONSTRAINT no_rejects"));
+    let refused = bad.values().filter(|(k, _)| *k == "data").count() as u64;
+    let path = write_config(&cfg, &dir);
+    let replay = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chbridge"))
+            .args(["dlq", "replay", "--route", "0", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = replay();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!(
+            "read {} dead letters, inserted {refused} rows, 0 belong to other routes, {} still fail",
+            bad.len(),
+            bad.len() as u64 - refused
+        )),
+        "{text}"
+    );
+    let rows = || ch_u64(&format!("SELECT count() FROM {db}.t"));
+    assert_eq!(rows(), good + refused);
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT count() FROM {db}.t WHERE payload = 'reject me'"
+        )),
+        refused
+    );
+    // Repeating the replay inserts nothing twice (deduplication tokens).
+    let again = replay();
+    assert_eq!(again.status.code(), Some(2));
+    assert_eq!(rows(), good + refused);
     drop_database(&db);
 }

@@ -86,6 +86,21 @@ fn a_crash_with_nothing_committed_duplicates_nothing() {
         PARTITIONS as u64
     );
     drop(bridge);
+    // After a deliberate offset reset the ranges must go: `state clear`.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chbridge"))
+        .args(["state", "clear", "--config"])
+        .arg(write_config(&cfg, &dir))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("removed"), "{text}");
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT count() FROM {db}.state WHERE group = '{group}'"
+        )),
+        0
+    );
     drop_database(&db);
 }
 
