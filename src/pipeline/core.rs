@@ -514,11 +514,18 @@ impl Core {
                         Some((first, last)) => (first, Some(last)),
                         None => (rec.offset, None),
                     };
+                    // A replayed range holds the commit at its start, not at
+                    // its first row: a commit past `first` tells the next
+                    // owner that the whole range is in (see Recovery).
+                    let segments = match replay {
+                        Some((first, _)) => vec![self.tracker.hold(key, generation, first)],
+                        None => Vec::new(),
+                    };
                     table.open.push(OpenBatch {
                         partition: slot,
                         body: Vec::with_capacity(table.capacity_hint),
                         rows: Vec::new(),
-                        segments: Vec::new(),
+                        segments,
                         opened: now,
                         oldest_timestamp_ms: None,
                         first,
@@ -724,6 +731,10 @@ impl Core {
         }
         let mut b = t.open.swap_remove(bi);
         if b.rows.is_empty() {
+            // A replayed range whose records all failed: nothing to insert.
+            for seg in &b.segments {
+                self.tracker.release(seg);
+            }
             return;
         }
         t.capacity_hint = b.body.len().max(64 * 1024);
@@ -1596,6 +1607,23 @@ mod tests {
         h.core.on_record(&record(15, r#"{"id":1}"#));
         close_all(&mut h);
         assert_eq!(ranges(&mut h, 0), vec![(0, 10, 14, 3), (0, 15, 15, 1)]);
+    }
+
+    #[test]
+    fn a_replayed_range_holds_the_commit_at_its_start() {
+        let (mut h, _rt) = exactly_once_harness(Some((10, 14)));
+        // 10 and 11 fail: without a hold at 10 the commit could pass the
+        // range's start before its rows land, and the next owner would skip it.
+        h.core.on_record(&record(10, "bad"));
+        h.core.on_record(&record(11, "bad"));
+        h.core.on_record(&record(12, r#"{"id":1}"#));
+        assert_eq!(h.core.tracker.position(P0), Some(10));
+        // A range whose records all fail releases its hold when it ends.
+        let (mut h, _rt) = exactly_once_harness(Some((10, 11)));
+        h.core.on_record(&record(10, "bad"));
+        h.core.on_record(&record(11, "bad"));
+        assert!(h.core.tables[0].open.is_empty());
+        assert_eq!(h.core.tracker.held(P0), 0);
     }
 
     #[test]
