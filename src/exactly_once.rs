@@ -50,6 +50,9 @@ pub struct StateStore {
     database: String,
     table: String,
     group: String,
+    /// Bounds each write and read: a hung ClickHouse must not hold a sink
+    /// task (or an assignment) longer than an insert may take.
+    timeout: std::time::Duration,
 }
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -72,7 +75,14 @@ impl StateStore {
             database,
             table,
             group: group.to_string(),
+            timeout: std::time::Duration::from_secs(60),
         }
+    }
+
+    /// Sets the timeout of each write and read (the inserts' timeout).
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> StateStore {
+        self.timeout = timeout;
+        self
     }
 
     pub fn name(&self) -> String {
@@ -118,13 +128,15 @@ impl StateStore {
              GROUP BY `table`, `topic`, `partition`",
             self.qualified()
         );
-        let rows: Vec<LatestRow> = self
+        let read = self
             .client
             .query(&sql)
             .bind(&self.group)
             .bind(topics)
-            .fetch_all()
-            .await?;
+            .fetch_all::<LatestRow>();
+        let rows = tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| clickhouse::error::Error::TimedOut)??;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -162,7 +174,9 @@ impl StateStore {
                 .bind(r.first)
                 .bind(r.last);
         }
-        q.execute().await
+        tokio::time::timeout(self.timeout, q.execute())
+            .await
+            .map_err(|_| clickhouse::error::Error::TimedOut)?
     }
 
     /// Forgets the recorded ranges of this group (of one topic, or all):
@@ -282,9 +296,14 @@ pub const MIN_DEDUP_WINDOW: u64 = 100;
 
 /// Finds `name = N` in an engine's SETTINGS clause.
 fn setting_value(engine_full: &str, name: &str) -> Option<u64> {
-    let settings = &engine_full[engine_full.find("SETTINGS")?..];
-    let start = settings.find(&format!("{name} = "))? + name.len() + 3;
-    let rest = &settings[start..];
+    let settings = &engine_full[engine_full.find("SETTINGS")? + 8..];
+    // Whole names only: `replicated_deduplication_window` is also the tail
+    // of `non_replicated_deduplication_window`.
+    let rest = settings
+        .split(',')
+        .map(str::trim)
+        .find_map(|kv| kv.strip_prefix(name)?.trim_start().strip_prefix('='))?
+        .trim_start();
     let end = rest
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(rest.len());
@@ -326,6 +345,14 @@ mod tests {
                 "MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 8192",
                 |_| 0,
                 "db.t"
+            ),
+            None
+        );
+        // One setting's name is the tail of the other's: never confused.
+        assert_eq!(
+            setting_value(
+                "MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 5, index_granularity = 8192",
+                "replicated_deduplication_window"
             ),
             None
         );

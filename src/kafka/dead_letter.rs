@@ -34,8 +34,9 @@ pub const H_MESSAGE: &str = "chbridge.error.message";
 
 /// Who waits for a dead letter's acknowledgement.
 pub enum Ticket {
-    /// The consumer thread holds the record's offset until the broker has it.
-    Hold(Segment),
+    /// The consumer thread holds the record's offset until the broker has it
+    /// (`table`: index of the table the record failed for).
+    Hold { segment: Segment, table: usize },
     /// A sink task waits before reporting its batch done.
     Notify(oneshot::Sender<Result<(), String>>),
 }
@@ -55,9 +56,10 @@ impl ProducerContext for DeliveryContext {
             Err((e, _)) => Err(e.to_string()),
         };
         match *ticket {
-            Ticket::Hold(segment) => {
+            Ticket::Hold { segment, table } => {
                 let _ = self.events.send(SinkEvent::DeadLettered {
                     segment,
+                    table,
                     error: outcome.err(),
                 });
             }
@@ -82,7 +84,9 @@ pub struct Origin<'a> {
 /// Why it failed.
 pub struct Failure<'a> {
     pub table: &'a str,
-    /// "decode" (the record cannot become a row) or "data" (ClickHouse refused the row).
+    /// Why, in one word: the decoder's reason (`malformed`, `conversion`,
+    /// `empty`, `unknown_field`) for a record that cannot become a row, or
+    /// `data` for a row ClickHouse refused.
     pub class: &'a str,
     pub message: &'a str,
 }

@@ -623,7 +623,11 @@ impl Core {
                             let (Some(dl), Some(dlq)) =
                                 (&self.dead_letters, &route.dead_letter_topic)
                             else {
-                                continue;
+                                self.fatal = Some(PipelineError::Internal(format!(
+                                    "route {route_idx} has on_error = \"dead-letter\" but no dead-letter producer"
+                                )));
+                                self.take_back_record();
+                                return false;
                             };
                             if route.skipped_log.allow(&table.name) {
                                 tracing::warn!(
@@ -652,7 +656,15 @@ impl Core {
                                 class: error.kind.as_str(),
                                 message: &message,
                             };
-                            if let Err(why) = dl.send(dlq, &origin, &failure, Ticket::Hold(seg)) {
+                            if let Err(why) = dl.send(
+                                dlq,
+                                &origin,
+                                &failure,
+                                Ticket::Hold {
+                                    segment: seg,
+                                    table: table_idx,
+                                },
+                            ) {
                                 self.tracker.release(&seg);
                                 self.fatal = Some(PipelineError::DeadLetter(format!(
                                     "{why} (record {}[{}] at offset {}); nothing at or after it was committed",
@@ -687,10 +699,15 @@ impl Core {
                 continue;
             };
             let b = &t.open[bi];
-            if b.rows.len() >= self.limits.max_rows
-                || b.body.len() >= self.limits.max_bytes
-                || b.replay_last.is_some_and(|l| rec.offset >= l)
-            {
+            // A replayed range closes at its recorded end only, whatever the
+            // size limits say now (they may have been lowered since).
+            let close = match b.replay_last {
+                Some(last) => rec.offset >= last,
+                None => {
+                    b.rows.len() >= self.limits.max_rows || b.body.len() >= self.limits.max_bytes
+                }
+            };
+            if close {
                 self.close_batch(table_idx, bi);
             }
         }
@@ -843,13 +860,17 @@ impl Core {
                 let e = self.insert_failure(&table, &batch, error);
                 self.fail(e);
             }
-            SinkEvent::DeadLettered { segment, error } => match error {
+            SinkEvent::DeadLettered {
+                segment,
+                table,
+                error,
+            } => match error {
                 None => {
                     self.tracker.release(&segment);
                     let topic = &self.topics[segment.key.topic as usize].name;
                     self.metrics
                         .dead_letters
-                        .with_label_values(&[topic, "", "decode"])
+                        .with_label_values(&[topic, &self.tables[table].name, "decode"])
                         .inc();
                 }
                 Some(why) => {
@@ -919,14 +940,19 @@ impl Core {
         if now.duration_since(self.last_commit) >= self.limits.commit_interval {
             self.commit(consumer, CommitMode::Async, None);
         }
-        // Open batches of several tables can fill the buffer together while each
-        // is below batch.max_bytes: send the largest rather than wait for max_wait.
-        if self.buffered_bytes >= self.limits.max_buffered_bytes {
-            let largest = (0..self.tables.len())
-                .flat_map(|ti| (0..self.tables[ti].open.len()).map(move |bi| (ti, bi)))
-                .filter(|&(ti, bi)| self.tables[ti].open[bi].replay_last.is_none())
-                .max_by_key(|&(ti, bi)| self.tables[ti].open[bi].body.len());
-            if let Some((ti, bi)) = largest {
+        // A table's open batches (one per partition with exactly-once) can
+        // fill its share while each is below batch.max_bytes: send the
+        // largest rather than wait for max_wait, or the pause never ends.
+        let share = self.table_share();
+        for ti in 0..self.tables.len() {
+            if self.tables[ti].buffered < share {
+                continue;
+            }
+            let t = &self.tables[ti];
+            let largest = (0..t.open.len())
+                .filter(|&bi| t.open[bi].replay_last.is_none())
+                .max_by_key(|&bi| t.open[bi].body.len());
+            if let Some(bi) = largest {
                 self.close_batch(ti, bi);
             }
         }
@@ -1076,16 +1102,21 @@ impl Core {
         "no records arrive from the broker although it reports more".into()
     }
 
+    /// Each table's part of the memory budget: the budget split evenly, so
+    /// that the sum of all tables' bytes never exceeds it.
+    fn table_share(&self) -> usize {
+        self.limits.max_buffered_bytes / self.tables.len().max(1)
+    }
+
     /// Topics to pause: those feeding a table whose sink is behind (batches
-    /// queued) or, with the memory budget reached, a table holding at least
-    /// its share of it. A healthy table's topics keep flowing.
+    /// queued) or that holds its share of the memory budget. The topics of
+    /// healthy tables keep flowing.
     fn topics_to_pause(&self) -> BTreeSet<u32> {
-        let over = self.buffered_bytes >= self.limits.max_buffered_bytes;
-        let share = self.limits.max_buffered_bytes / self.tables.len().max(1);
+        let share = self.table_share();
         let full: Vec<bool> = self
             .tables
             .iter()
-            .map(|t| !t.waiting.is_empty() || (over && t.buffered >= share))
+            .map(|t| !t.waiting.is_empty() || t.buffered >= share)
             .collect();
         (0..self.topics.len() as u32)
             .filter(|&ti| {
@@ -1205,14 +1236,14 @@ impl Core {
         let latest = loop {
             let read = eo.runtime.block_on(async {
                 tokio::select! {
-                    r = tokio::time::timeout(Duration::from_secs(30), eo.state.latest(&topics)) => Some(r),
+                    r = eo.state.latest(&topics) => Some(r),
                     _ = eo.stop.cancelled() => None,
                 }
             });
             match read {
                 None => return false,
-                Some(Ok(Ok(latest))) => break latest,
-                Some(Ok(Err(e)))
+                Some(Ok(latest)) => break latest,
+                Some(Err(e))
                     if crate::sink::errors::classify(&e).class
                         != crate::sink::ErrorClass::Transient =>
                 {
@@ -1223,12 +1254,10 @@ impl Core {
                     self.fail(e);
                     return false;
                 }
-                Some(Ok(Err(e))) => {
+                Some(Err(e)) => {
                     tracing::warn!(state_table = %eo.state.name(), error = %e, attempt,
-                        "exactly-once: cannot read the recorded batch ranges; the assigned partitions wait until ClickHouse answers")
+                        "exactly-once: cannot read the recorded batch ranges; consumption waits until ClickHouse answers")
                 }
-                Some(Err(_)) => tracing::warn!(state_table = %eo.state.name(), attempt,
-                    "exactly-once: reading the recorded batch ranges timed out; retrying"),
             }
             let wait = crate::sink::backoff(&eo.retry, attempt);
             attempt += 1;

@@ -218,6 +218,7 @@ pub async fn run(
         let max_rejected_ratio = topic_names
             .iter()
             .filter_map(feeding)
+            .filter(|r| r.on_error != OnError::Stop)
             .map(|r| r.max_failed_ratio)
             .fold(1.0, f64::min);
         let sink = TableSink {
@@ -324,7 +325,8 @@ async fn prepare_exactly_once(
     client: &clickhouse::Client,
     schemas: &[TableSchema],
 ) -> Result<StateStore, PipelineError> {
-    let store = StateStore::new(client.clone(), config.state_table(), &config.kafka.group_id);
+    let store = StateStore::new(client.clone(), config.state_table(), &config.kafka.group_id)
+        .with_timeout(config.clickhouse.insert_timeout);
     let tables: Vec<(String, String)> = schemas
         .iter()
         .map(|s| (s.database.clone(), s.table.clone()))
@@ -332,7 +334,11 @@ async fn prepare_exactly_once(
     let problems = exactly_once::table_problems(client, &tables)
         .await
         .map_err(|e| {
-            PipelineError::Unavailable(format!("cannot read the target tables' engines: {e}"))
+            let message = format!("cannot read the target tables' engines: {e}");
+            if sink::errors::classify(&e).class != sink::ErrorClass::Transient {
+                return PipelineError::Config(message);
+            }
+            PipelineError::Unavailable(message)
         })?;
     if !problems.is_empty() {
         return Err(PipelineError::Config(format!(

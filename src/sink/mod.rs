@@ -70,6 +70,7 @@ pub enum SinkEvent {
     /// A dead letter sent by the consumer thread was acknowledged (or not).
     DeadLettered {
         segment: Segment,
+        table: usize,
         error: Option<String>,
     },
 }
@@ -433,7 +434,9 @@ impl<W: Writer> TableSink<W> {
             match self.policies.get(row.key.topic as usize) {
                 Some(RowPolicy::DeadLetter(dlq)) => {
                     let Some(dl) = self.dead_letters.clone() else {
-                        continue;
+                        return Err(dead_letter_error(
+                            "no dead-letter producer was created".into(),
+                        ));
                     };
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let (dlq, table, message) = (
