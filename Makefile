@@ -6,7 +6,7 @@ export CH_HTTP_PORT ?= 8123
 export CH_TCP_PORT ?= 9000
 export KAFKA_PORT ?= 9092
 
-.PHONY: help demo demo-stop test unit it lint fmt build release stack-up stack-down stack-status
+.PHONY: help demo demo-stop test unit it chaos chaos-short lint fmt build release stack-up stack-down stack-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -18,14 +18,25 @@ demo-stop: ## stop the demo bridge and the local stack
 	scripts/demo.sh stop
 	scripts/stack.sh stop
 
-test: stack-up ## the whole suite: unit tests and integration tests against the real stack
+test: stack-up ## the whole suite: unit, integration (real stack) and a short fault-injection run
 	cargo test --all-targets
+	$(MAKE) chaos-short
 
 unit: ## unit tests only (no servers needed)
 	cargo test --lib --bins
 
 it: stack-up ## integration tests only
 	cargo test --test it
+
+# The chaos runs start their own private ClickHouse and broker on free ports:
+# only the packages of the stack are needed, not the shared servers.
+chaos: release ## fault injection against the real stack, both delivery modes
+	scripts/stack.sh install
+	.venv/bin/python scripts/chaos.py --bin target/release/chbridge
+
+chaos-short: build ## a few faults only, both delivery modes, a few minutes
+	scripts/stack.sh install
+	.venv/bin/python scripts/chaos.py --short --bin target/debug/chbridge
 
 lint: ## formatting and clippy, warnings are errors
 	cargo fmt --all -- --check
