@@ -131,9 +131,16 @@ pub fn parse_code(message: &str) -> Option<u32> {
 /// Classifies an error of the `clickhouse` crate.
 pub fn classify(err: &clickhouse::error::Error) -> InsertError {
     use clickhouse::error::Error as E;
-    let message = err.to_string();
+    let mut message = err.to_string();
     let (class, code) = match err {
         E::BadResponse(body) => match parse_code(body) {
+            Some(code) if code_name(code).is_none() => {
+                // Retried rather than stopped or dead-lettered: a wrong retry
+                // shows in the retry metric, a wrong stop halts ingestion.
+                message
+                    .push_str(" (an error code chbridge does not classify: retried as transient)");
+                (ErrorClass::Transient, Some(code))
+            }
             Some(code) => (classify_code(code), Some(code)),
             // An error page without a ClickHouse code: a proxy or load balancer.
             None if body.contains("401") || body.contains("403") => (ErrorClass::Fatal, None),
@@ -184,6 +191,11 @@ mod tests {
         );
         let c = classify(&e);
         assert_eq!((c.class, c.code), (ErrorClass::Fatal, Some(60)));
+        let c = classify(&clickhouse::error::Error::BadResponse(
+            "Code: 12345. DB::Exception: something new".into(),
+        ));
+        assert_eq!((c.class, c.code), (ErrorClass::Transient, Some(12345)));
+        assert!(c.message.contains("retried as transient"), "{}", c.message);
         let c = classify(&clickhouse::error::Error::TimedOut);
         assert_eq!(c.class, ErrorClass::Transient);
         let c = classify(&clickhouse::error::Error::BadResponse(
