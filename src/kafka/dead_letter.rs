@@ -6,6 +6,7 @@
 //! refused produce can never commit past a record that is neither in
 //! ClickHouse nor in the dead-letter topic.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,9 @@ impl ProducerContext for DeliveryContext {
         }
     }
 }
+
+/// Where a record is: topic, partition, offset.
+pub type RecordAt = (String, i32, i64);
 
 /// The failed record, as read from Kafka.
 pub struct Origin<'a> {
@@ -210,39 +214,80 @@ impl DeadLetters {
         }
     }
 
-    /// Reads the record at `offset` of `topic[partition]` again. Blocking.
-    pub fn fetch_original(
+    /// Reads the records at `wanted` (topic, partition, offset) again, with
+    /// one consumer for all of them: each partition is read from its lowest
+    /// wanted offset to its highest (rows refused in one batch lie close
+    /// together). Blocking. Returns what was found, and a reason for each
+    /// record that could not be read.
+    pub fn fetch_originals(
         &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-    ) -> Result<OwnedMessage, String> {
-        let where_ = format!("{topic}[{partition}] at offset {offset}");
-        let consumer: BaseConsumer = self
-            .fetch
-            .create()
-            .map_err(|e| format!("cannot create a consumer to re-read {where_}: {e}"))?;
+        wanted: &[RecordAt],
+    ) -> (HashMap<RecordAt, OwnedMessage>, HashMap<RecordAt, String>) {
+        let mut found = HashMap::new();
+        let mut missing: HashMap<RecordAt, String> = HashMap::new();
+        let fail_all = |why: String| -> HashMap<_, _> {
+            wanted.iter().map(|w| (w.clone(), why.clone())).collect()
+        };
+        let consumer: BaseConsumer = match self.fetch.create() {
+            Ok(c) => c,
+            Err(e) => {
+                return (
+                    found,
+                    fail_all(format!("cannot create a consumer to re-read records: {e}")),
+                )
+            }
+        };
+        // Per partition: the offsets still wanted.
+        let mut todo: HashMap<(String, i32), BTreeSet<i64>> = HashMap::new();
+        for (t, p, o) in wanted {
+            todo.entry((t.clone(), *p)).or_default().insert(*o);
+        }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-            .map_err(|e| format!("cannot re-read {where_}: {e}"))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| format!("cannot re-read {where_}: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) if m.offset() == offset => return Ok(m.detach()),
-                Some(Ok(m)) if m.offset() > offset => {
-                    return Err(format!(
-                        "{where_} no longer exists (next is {})",
-                        m.offset()
-                    ))
-                }
-                Some(Ok(_)) | None => {}
-                Some(Err(e)) => tracing::debug!(error = %e, "re-reading a refused record"),
+        for ((t, p), offsets) in &todo {
+            let first = offsets.first().copied().unwrap_or(0);
+            if let Err(e) = tpl.add_partition_offset(t, *p, Offset::Offset(first)) {
+                return (found, fail_all(format!("cannot re-read {t}[{p}]: {e}")));
             }
         }
-        Err(format!("could not re-read {where_} within 30 s"))
+        if let Err(e) = consumer.assign(&tpl) {
+            return (found, fail_all(format!("cannot re-read records: {e}")));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !todo.is_empty() && Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let key = (m.topic().to_string(), m.partition());
+                    let Some(offsets) = todo.get_mut(&key) else {
+                        continue;
+                    };
+                    // Offsets below the record read are gone (retention, compaction).
+                    while let Some(&o) = offsets.first().filter(|&&o| o < m.offset()) {
+                        offsets.remove(&o);
+                        missing.insert(
+                            (key.0.clone(), key.1, o),
+                            format!("no longer in the topic (next is {})", m.offset()),
+                        );
+                    }
+                    if offsets.remove(&m.offset()) {
+                        found.insert((key.0.clone(), key.1, m.offset()), m.detach());
+                    }
+                    if offsets.is_empty() {
+                        todo.remove(&key);
+                    }
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "re-reading refused records"),
+                None => {}
+            }
+        }
+        for ((t, p), offsets) in todo {
+            for o in offsets {
+                missing.insert(
+                    (t.clone(), p, o),
+                    "could not be read again within 30 s".into(),
+                );
+            }
+        }
+        (found, missing)
     }
 
     /// Waits until every dead letter sent so far was acknowledged or failed.

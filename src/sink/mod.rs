@@ -423,7 +423,8 @@ impl<W: Writer> TableSink<W> {
         batch: &ReadyBatch,
         rejected: &[Rejected],
     ) -> Result<(), InsertError> {
-        let mut waits = Vec::new();
+        // What each refused row's route does with it.
+        let mut letters: Vec<(String, String, i32, i64, String)> = Vec::new();
         for r in rejected {
             let row = batch.rows[r.row];
             let topic = self.topic_name(row.key.topic).to_string();
@@ -432,60 +433,16 @@ impl<W: Writer> TableSink<W> {
                 .with_label_values(&[&topic, &self.table_name, "rejected"])
                 .inc();
             match self.policies.get(row.key.topic as usize) {
-                Some(RowPolicy::DeadLetter(dlq)) => {
-                    let Some(dl) = self.dead_letters.clone() else {
-                        return Err(dead_letter_error(
-                            "no dead-letter producer was created".into(),
-                        ));
-                    };
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let (dlq, table, message) = (
-                        dlq.clone(),
-                        self.table_name.clone(),
-                        r.error.message.clone(),
-                    );
-                    let sent = tokio::task::spawn_blocking(move || {
-                        let failure = Failure {
-                            table: &table,
-                            class: "data",
-                            message: &message,
-                        };
-                        match dl.fetch_original(&topic, row.key.partition, row.offset) {
-                            Ok(m) => dl.send(&dlq, &origin_of(&m), &failure, Ticket::Notify(tx)),
-                            Err(why) => {
-                                // Retention removed it: send what is known.
-                                let message = format!(
-                                    "{message}; the original record could not be read again: {why}"
-                                );
-                                let origin = Origin {
-                                    topic: &topic,
-                                    partition: row.key.partition,
-                                    offset: row.offset,
-                                    timestamp_ms: None,
-                                    key: None,
-                                    value: None,
-                                    headers: None,
-                                };
-                                dl.send(
-                                    &dlq,
-                                    &origin,
-                                    &Failure {
-                                        message: &message,
-                                        ..failure
-                                    },
-                                    Ticket::Notify(tx),
-                                )
-                            }
-                        }
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("dead-letter task failed: {e}")));
-                    sent.map_err(dead_letter_error)?;
-                    waits.push((rx, row));
-                }
+                Some(RowPolicy::DeadLetter(dlq)) => letters.push((
+                    dlq.clone(),
+                    topic,
+                    row.key.partition,
+                    row.offset,
+                    r.error.message.clone(),
+                )),
                 _ => tracing::warn!(
                     table = %self.table_name,
-                    topic = %self.topic_name(row.key.topic),
+                    topic,
                     partition = row.key.partition,
                     offset = row.offset,
                     error = %r.error,
@@ -493,12 +450,69 @@ impl<W: Writer> TableSink<W> {
                 ),
             }
         }
-        for (rx, row) in waits {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let Some(dl) = self.dead_letters.clone() else {
+            return Err(dead_letter_error(
+                "no dead-letter producer was created".into(),
+            ));
+        };
+        let table = self.table_name.clone();
+        // Re-reading and producing are blocking librdkafka calls.
+        let sent = tokio::task::spawn_blocking(move || {
+            let wanted: Vec<(String, i32, i64)> = letters
+                .iter()
+                .map(|(_, t, p, o, _)| (t.clone(), *p, *o))
+                .collect();
+            let (found, missing) = dl.fetch_originals(&wanted);
+            let mut waits = Vec::new();
+            for (dlq, topic, partition, offset, message) in &letters {
+                let key = (topic.clone(), *partition, *offset);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let failure = Failure {
+                    table: &table,
+                    class: "data",
+                    message,
+                };
+                let result = match found.get(&key) {
+                    Some(m) => dl.send(dlq, &origin_of(m), &failure, Ticket::Notify(tx)),
+                    None => {
+                        // Retention removed it: send what is known.
+                        let why = missing.get(&key).map(String::as_str).unwrap_or("not found");
+                        let message = format!(
+                            "{message}; the original record could not be read again: {why}"
+                        );
+                        let origin = Origin {
+                            topic,
+                            partition: *partition,
+                            offset: *offset,
+                            timestamp_ms: None,
+                            key: None,
+                            value: None,
+                            headers: None,
+                        };
+                        let failure = Failure {
+                            message: &message,
+                            ..failure
+                        };
+                        dl.send(dlq, &origin, &failure, Ticket::Notify(tx))
+                    }
+                };
+                result?;
+                waits.push((rx, topic.clone()));
+            }
+            Ok(waits)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("dead-letter task failed: {e}")));
+        let waits = sent.map_err(dead_letter_error)?;
+        for (rx, topic) in waits {
             match rx.await {
                 Ok(Ok(())) => self
                     .metrics
                     .dead_letters
-                    .with_label_values(&[self.topic_name(row.key.topic), &self.table_name, "data"])
+                    .with_label_values(&[&topic, &self.table_name, "data"])
                     .inc(),
                 Ok(Err(m)) => return Err(dead_letter_error(m)),
                 Err(_) => return Err(dead_letter_error("the producer was closed".into())),
