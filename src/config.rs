@@ -220,9 +220,10 @@ pub struct RouteConfig {
     /// "dead-letter"`. It must exist (or the broker must create topics).
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
-    /// With "skip" or "dead-letter": stop the bridge instead when more than
-    /// this share of the route's records failed within `failed_window`
-    /// (a wrong format or table would otherwise divert a whole topic).
+    /// With "skip" or "dead-letter": stop the route instead (pause its topics
+    /// until a restart; other topics go on) when more than this share of its
+    /// records failed within `failed_window` (a wrong format or table would
+    /// otherwise divert a whole topic).
     /// 1.0 disables the limit. Default: 0.5.
     #[serde(default = "default_max_failed_ratio")]
     pub max_failed_ratio: f64,

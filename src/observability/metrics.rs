@@ -50,6 +50,7 @@ pub struct Metrics {
     pub bisect_inserts: IntCounterVec,
     pub state_writes: IntCounterVec,
     pub partition_stalled: IntGaugeVec,
+    pub route_stopped: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -235,6 +236,12 @@ impl Metrics {
                 "chbridge_partition_stalled",
                 "1 while the partition has lag but its commit position has not moved for stall_timeout",
                 &["topic", "partition"],
+            ),
+            route_stopped: gauge_vec(
+                &r,
+                "chbridge_route_stopped",
+                "1 once a route was stopped for failing more than max_failed_ratio (its topics pause until a restart)",
+                &["route", "table"],
             ),
             registry: r,
         }

@@ -59,9 +59,10 @@ pub enum PipelineError {
     },
     #[error(
         "route {route} ({table}): {failed} of the last {total} records failed within {window:?}, \
-         more than max_failed_ratio = {max_ratio}; the last: {last}. chbridge stopped rather than \
-         divert the whole topic: check the route's format and table (or the producer), then \
-         start again; raise routes[{route}].max_failed_ratio if this share is expected."
+         more than max_failed_ratio = {max_ratio}; the last: {last}. The route is stopped rather \
+         than divert the whole topic, and nothing from this record on is committed for it: check \
+         the route's format and table (or the producer), then restart chbridge; raise \
+         routes[{route}].max_failed_ratio if this share is expected."
     )]
     TooManyFailures {
         route: usize,

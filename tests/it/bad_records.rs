@@ -174,3 +174,66 @@ fn a_batch_clickhouse_refuses_stops_the_bridge_without_committing_it() {
     );
     drop_database(&db);
 }
+
+/// A route that fails too often stops alone: its topic pauses with the commit
+/// below the record that crossed the limit, while another topic goes on.
+#[test]
+fn a_route_over_its_failure_ratio_stops_alone() {
+    let db = unique("it_ratio");
+    let junk = unique("ratio_junk");
+    let good = unique("ratio_good");
+    let group = unique("g_ratio");
+    create_database(&db);
+    ch(&format!("CREATE TABLE {db}.t {SIMPLE_TABLE}"));
+    ch(&format!("CREATE TABLE {db}.u {SIMPLE_TABLE}"));
+    create_topic(&junk, 1);
+    create_topic(&good, 1);
+    let cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!(
+            "[[routes]]\ntopics = [\"{junk}\"]\ntable = \"t\"\non_error = \"skip\"\n\
+             [[routes]]\ntopics = [\"{good}\"]\ntable = \"u\"\n"
+        ),
+    );
+    let prod = TestProducer::new();
+    for id in 0..300 {
+        prod.send(&junk, Some(0), id, b"<xml>not the format</xml>");
+    }
+    produce_simple(&prod, &good, 1, 0, 1_000);
+    prod.flush();
+    let dir = test_dir(&db);
+    let mut bridge = Bridge::start(&cfg, &dir);
+    assert!(
+        wait_until(Duration::from_secs(60), || ch_u64(&format!(
+            "SELECT count() FROM {db}.u"
+        )) == 1_000),
+        "the good topic did not land; log:\n{}",
+        bridge.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || committed(&group, &good, 1)
+            == vec![1_000]),
+        "good topic committed {:?}",
+        committed(&group, &good, 1)
+    );
+    // All 300 fail: the limit trips at the 100th record (offset 99), which
+    // is neither skipped nor committed.
+    assert!(
+        wait_until(Duration::from_secs(20), || committed(&group, &junk, 1)
+            == vec![99]),
+        "junk topic committed {:?}; log:\n{}",
+        committed(&group, &junk, 1),
+        bridge.log_text()
+    );
+    assert_eq!(bridge.metric("chbridge_route_stopped", "route=\"0\""), 1.0);
+    assert!(bridge
+        .log_text()
+        .contains("more than max_failed_ratio = 0.5"));
+    assert!(
+        bridge.wait(Duration::from_secs(1)).is_none(),
+        "the bridge keeps running"
+    );
+    assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), 0);
+    drop_database(&db);
+}
