@@ -300,6 +300,17 @@ impl<W: Writer> TableSink<W> {
                     }
                     let wait = backoff(&self.retry, attempt);
                     attempt += 1;
+                    if self.retry.max_attempts != 0 && attempt >= self.retry.max_attempts {
+                        return Err(InsertError {
+                            message: format!(
+                                "gave up recording a batch range in {} after {attempt} attempts \
+                                 (retry.max_attempts): {}",
+                                state.name(),
+                                e.message
+                            ),
+                            ..e
+                        });
+                    }
                     tracing::warn!(table = %self.table_name, attempt, error = %e, "recording a batch range failed, will retry");
                     tokio::time::sleep(wait).await;
                 }
