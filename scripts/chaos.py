@@ -80,7 +80,7 @@ class Profile:
     warmup_s: float          # producing before the first fault
     gap_s: tuple             # pause after each fault, uniform in [lo, hi]
     tail_s: float            # producing after the last fault
-    kills: int               # kill -9 of the bridge; every other one right after an insert
+    kills: int               # kill -9 of the bridge: in turn right after an insert, mid-insert, at random
     ch_stop_s: float         # ClickHouse killed and kept down this long
     broker_freeze_s: float   # tansu SIGSTOPped this long
     extra_replicas: int      # rebalance storm: 1 -> 1 + extra -> 1 replicas
@@ -547,9 +547,24 @@ level = "info,librdkafka=warn"
         say("fault %s #%d at %.1fs (%s), over at %.1fs, produced %d"
             % (kind, number, start, detail, self.now(), self.feed.produced))
 
-    def kill9(self, after_insert):
+    def kill9(self, when):
         r = self.replicas[1]
-        if after_insert:
+        if when == "mid-insert":
+            # ClickHouse frozen for longer than a batch's max_wait: an insert
+            # (or an exactly-once range write) is on the wire, unanswered,
+            # when the bridge dies; ClickHouse then resumes and may apply it.
+            signal_group(self.ch.proc, signal.SIGSTOP)
+            try:
+                self.wait(0.8)
+                self.kill_replica(r)
+            finally:
+                signal_group(self.ch.proc, signal.SIGCONT)
+            how = "mid-insert"
+            down = self.rng.uniform(0.5, 3)
+            self.wait(down)
+            r.start()
+            return "%s, restarted %.1fs later" % (how, down)
+        if when == "after-insert":
             # Right after an insert was acknowledged and (most likely) before
             # its offsets were committed: the window where rows repeat.
             how = "random (no insert within 10s)"
@@ -620,7 +635,8 @@ level = "info,librdkafka=warn"
 
     def faults_phase(self):
         p = self.profile
-        plan = [("kill9", lambda i=i: self.kill9(after_insert=i % 2 == 0)) for i in range(p.kills)]
+        kill_kinds = ("after-insert", "mid-insert", "random")
+        plan = [("kill9", lambda i=i: self.kill9(kill_kinds[i % 3])) for i in range(p.kills)]
         plan += [
             ("clickhouse-stop", self.ch_stop),
             ("broker-freeze", lambda: self.freeze(self.broker.proc, p.broker_freeze_s, "tansu")),
