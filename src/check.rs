@@ -133,17 +133,32 @@ async fn check_exactly_once(
             "exactly-once: cannot read the tables' engines: {e}"
         )),
     }
+    // `check` changes nothing: it only says whether `run` will find or create the table.
     let store = StateStore::new(client.clone(), config.state_table(), &config.kafka.group_id);
-    match store.ensure().await {
-        Ok(()) => {
-            let _ = writeln!(text, "exactly-once: state table {} ready", store.name());
+    let (db, table) = config.state_table();
+    let exists = client
+        .query("SELECT count() FROM system.tables WHERE database = ? AND name = ?")
+        .bind(&db)
+        .bind(&table)
+        .fetch_one::<u64>()
+        .await;
+    match exists {
+        Ok(1) => {
+            let _ = writeln!(text, "exactly-once: state table {} exists", store.name());
+        }
+        Ok(_) => {
+            let _ = writeln!(
+                text,
+                "exactly-once: state table {} does not exist yet; `chbridge run` creates it \
+                 (it needs CREATE TABLE on {db}), or create it yourself:\n  {}",
+                store.name(),
+                store.create_sql()
+            );
         }
         Err(e) => problems.push(format!(
-            "exactly-once: the state table {} does not exist and cannot be created ({}); \
-             create it as: {}",
+            "exactly-once: cannot look up the state table {}: {}",
             store.name(),
-            crate::sink::errors::classify(&e).message,
-            store.create_sql()
+            crate::sink::errors::classify(&e).message
         )),
     }
 }

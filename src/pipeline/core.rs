@@ -320,6 +320,9 @@ pub struct ExactlyOnce {
     pub retry: crate::config::RetryConfig,
     /// A shutdown stops waiting for ClickHouse on assignment.
     pub stop: CancellationToken,
+    /// Waiting for ClickHouse on assignment is not a stuck loop: `/healthz`
+    /// stays green (`/readyz` shows ClickHouse unreachable).
+    pub health: Arc<crate::observability::Health>,
 }
 
 pub struct Core {
@@ -1292,6 +1295,7 @@ impl Core {
             }
             let wait = crate::sink::backoff(&eo.retry, attempt);
             attempt += 1;
+            eo.health.turn();
             std::thread::sleep(wait);
         };
         for &key in keys {
@@ -1596,6 +1600,7 @@ mod tests {
             runtime: rt.handle().clone(),
             retry: crate::config::RetryConfig::default(),
             stop: CancellationToken::new(),
+            health: Arc::new(crate::observability::Health::new(Duration::from_secs(60))),
         });
         for p in [0, 1] {
             h.core.recovered.insert(PartitionKey {

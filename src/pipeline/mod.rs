@@ -272,6 +272,7 @@ pub async fn run(
             runtime: tokio::runtime::Handle::current(),
             retry: config.retry.clone(),
             stop: shutdown.clone(),
+            health: health.clone(),
         }),
     };
     let core = Core::new(

@@ -177,6 +177,14 @@ fn check_names_what_a_table_lacks_for_exactly_once() {
         )),
         "{text}"
     );
+    // `check` changes nothing: it says the state table will be created.
+    assert!(text.contains("does not exist yet"), "{text}");
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT count() FROM system.tables WHERE database = '{db}' AND name = 'state'"
+        )),
+        0
+    );
     // `run` refuses it too, before consuming anything.
     let mut bridge = Bridge::start(&cfg, &dir);
     let status = bridge.wait(Duration::from_secs(30));
