@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedHeaders, Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::config::KafkaConfig;
 use crate::kafka::offsets::Segment;
+use crate::kafka::Record;
 use crate::sink::SinkEvent;
 
 /// Headers chbridge adds to every dead letter.
@@ -73,17 +74,6 @@ impl ProducerContext for DeliveryContext {
 
 /// Where a record is: topic, partition, offset.
 pub type RecordAt = (String, i32, i64);
-
-/// The failed record, as read from Kafka.
-pub struct Origin<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    pub value: Option<&'a [u8]>,
-    pub headers: Option<&'a BorrowedHeaders>,
-}
 
 /// Why it failed.
 pub struct Failure<'a> {
@@ -152,7 +142,7 @@ impl DeadLetters {
     pub fn send(
         &self,
         dlq_topic: &str,
-        origin: &Origin<'_>,
+        origin: &Record<'_>,
         failure: &Failure<'_>,
         ticket: Ticket,
     ) -> Result<(), String> {
@@ -293,18 +283,5 @@ impl DeadLetters {
     /// Waits until every dead letter sent so far was acknowledged or failed.
     pub fn flush(&self, timeout: Duration) {
         let _ = self.producer.flush(timeout);
-    }
-}
-
-/// An origin built from a record read again (owned).
-pub fn origin_of(m: &OwnedMessage) -> Origin<'_> {
-    Origin {
-        topic: m.topic(),
-        partition: m.partition(),
-        offset: m.offset(),
-        timestamp_ms: m.timestamp().to_millis(),
-        key: m.key(),
-        value: m.payload(),
-        headers: m.headers().map(|h| h.as_borrowed()),
     }
 }

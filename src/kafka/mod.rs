@@ -6,8 +6,49 @@ pub mod offsets;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message, OwnedMessage};
 
 use crate::config::{KafkaConfig, Properties};
+
+/// One record as read from Kafka, borrowed from its message: what the
+/// pipeline places into batches and what a dead letter carries.
+pub struct Record<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: Option<&'a BorrowedHeaders>,
+}
+
+impl<'a> Record<'a> {
+    /// A record the consumer just returned.
+    pub fn of(m: &'a BorrowedMessage<'_>) -> Record<'a> {
+        Record {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key(),
+            value: m.payload(),
+            headers: m.headers(),
+        }
+    }
+
+    /// A record read again and kept (owned).
+    pub fn of_owned(m: &'a OwnedMessage) -> Record<'a> {
+        Record {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key(),
+            value: m.payload(),
+            headers: m.headers().map(|h| h.as_borrowed()),
+        }
+    }
+}
 
 /// Builds the librdkafka configuration. User properties come first; the
 /// settings the delivery guarantee depends on are then forced (and

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prometheus::IntCounter;
 use rdkafka::consumer::{CommitMode, Consumer as _};
-use rdkafka::message::BorrowedHeaders;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +23,9 @@ use crate::config::{Config, OnError};
 use crate::decode::Decoder;
 use crate::exactly_once::{BatchRange, StateStore};
 use crate::kafka::context::Consumer;
-use crate::kafka::dead_letter::{DeadLetters, Failure, Origin, Ticket};
+use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{OffsetTracker, Ownership, PartitionKey, Segment};
+use crate::kafka::Record;
 use crate::observability::Metrics;
 use crate::sink::{InsertError, ReadyBatch, RowOrigin, SinkEvent};
 
@@ -383,17 +383,6 @@ struct Undo {
     oldest_timestamp_ms: Option<i64>,
 }
 
-/// One record as the core needs it, borrowed from the consumer's message.
-pub struct Record<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    pub value: Option<&'a [u8]>,
-    pub headers: Option<&'a BorrowedHeaders>,
-}
-
 /// What the pipeline shares with the sink tasks and the dead-letter producer.
 pub struct Shared {
     pub ownership: Arc<Ownership>,
@@ -653,15 +642,6 @@ impl Core {
                                 )
                             }
                             let seg = self.tracker.hold(key, generation, rec.offset);
-                            let origin = Origin {
-                                topic: rec.topic,
-                                partition: rec.partition,
-                                offset: rec.offset,
-                                timestamp_ms: rec.timestamp_ms,
-                                key: rec.key,
-                                value: rec.value,
-                                headers: rec.headers,
-                            };
                             let message = error.to_string();
                             let failure = Failure {
                                 table: &table.name,
@@ -670,7 +650,7 @@ impl Core {
                             };
                             if let Err(why) = dl.send(
                                 dlq,
-                                &origin,
+                                rec,
                                 &failure,
                                 Ticket::Hold {
                                     segment: seg,

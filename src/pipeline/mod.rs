@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use self::core::{Core, ExactlyOnce, Limits, Record, RouteState, Shared, TableState};
+use self::core::{Core, ExactlyOnce, Limits, RouteState, Shared, TableState};
 use crate::config::{Config, Delivery, OnError};
 use crate::decode::{self, RecordError};
 use crate::exactly_once::{self, StateStore};
 use crate::kafka::context::{BridgeContext, Consumer};
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::offsets::Ownership;
+use crate::kafka::Record;
 use crate::observability::{Health, Metrics};
 use crate::schema::{self, TableSchema};
 use crate::sink::{self, ClickHouseWriter, InsertError, RowPolicy, TableSink};
@@ -414,15 +414,7 @@ fn consumer_loop(
         match consumer.poll(timeout) {
             None => last_service = None,
             Some(Ok(msg)) => {
-                let rec = Record {
-                    topic: msg.topic(),
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    timestamp_ms: msg.timestamp().to_millis(),
-                    key: msg.key(),
-                    value: msg.payload(),
-                    headers: msg.headers(),
-                };
+                let rec = Record::of(&msg);
                 if !ctx.core().on_record(&rec) {
                     break;
                 }

@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClickHouseConfig, RetryConfig};
 use crate::exactly_once::{BatchRange, StateStore};
-use crate::kafka::dead_letter::{origin_of, DeadLetters, Failure, Origin, Ticket};
+use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{Ownership, PartitionKey, Segment};
+use crate::kafka::Record;
 use crate::observability::{Health, Metrics};
 pub use errors::{ErrorClass, InsertError};
 
@@ -487,14 +488,14 @@ impl<W: Writer> TableSink<W> {
                     message,
                 };
                 let result = match found.get(&key) {
-                    Some(m) => dl.send(dlq, &origin_of(m), &failure, Ticket::Notify(tx)),
+                    Some(m) => dl.send(dlq, &Record::of_owned(m), &failure, Ticket::Notify(tx)),
                     None => {
                         // Retention removed it: send what is known.
                         let why = missing.get(&key).map(String::as_str).unwrap_or("not found");
                         let message = format!(
                             "{message}; the original record could not be read again: {why}"
                         );
-                        let origin = Origin {
+                        let origin = Record {
                             topic,
                             partition: *partition,
                             offset: *offset,
