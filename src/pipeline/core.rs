@@ -334,8 +334,6 @@ pub struct Core {
     tracker: OffsetTracker,
     ownership: Arc<Ownership>,
     events: std_mpsc::Receiver<SinkEvent>,
-    /// Encoded bytes in open batches plus batches handed to sinks and not yet acknowledged.
-    buffered_bytes: usize,
     last_commit: Instant,
     /// Topics (indexes) whose partitions are paused because they feed full tables.
     paused: BTreeSet<u32>,
@@ -422,7 +420,6 @@ impl Core {
             tracker: OffsetTracker::default(),
             ownership: shared.ownership,
             events,
-            buffered_bytes: 0,
             last_commit: Instant::now(),
             paused: BTreeSet::new(),
             closing: false,
@@ -437,6 +434,12 @@ impl Core {
             watchdog: Watchdog::default(),
             metrics,
         }
+    }
+
+    /// Encoded bytes in open batches plus batches handed to sinks and not
+    /// yet acknowledged, over all tables.
+    fn buffered_bytes(&self) -> usize {
+        self.tables.iter().map(|t| t.buffered).sum()
     }
 
     pub fn fatal(&self) -> Option<&PipelineError> {
@@ -568,7 +571,6 @@ impl Core {
                     }
                     let added = batch.body.len() - before.body_len;
                     table.buffered += added;
-                    self.buffered_bytes += added;
                     self.undo.push(before);
                     route.rate.success(now);
                 }
@@ -735,7 +737,6 @@ impl Core {
             let b = &mut t.open[bi];
             let removed = b.body.len() - u.body_len;
             t.buffered -= removed;
-            self.buffered_bytes -= removed;
             b.body.truncate(u.body_len);
             b.rows.truncate(u.rows);
             b.oldest_timestamp_ms = u.oldest_timestamp_ms;
@@ -798,7 +799,6 @@ impl Core {
                 let t = &mut self.tables[ti];
                 let b = t.open.swap_remove(bi);
                 t.buffered = t.buffered.saturating_sub(b.body.len());
-                self.buffered_bytes = self.buffered_bytes.saturating_sub(b.body.len());
                 self.abandoned.extend_from_slice(&b.segments);
             } else if holds {
                 // swap_remove moves the last batch here: look at `bi` again.
@@ -834,7 +834,6 @@ impl Core {
     fn batch_done(&mut self, batch: &ReadyBatch) {
         let t = &mut self.tables[batch.table];
         t.buffered = t.buffered.saturating_sub(batch.body.len());
-        self.buffered_bytes = self.buffered_bytes.saturating_sub(batch.body.len());
     }
 
     /// Handles one sink outcome.
@@ -966,7 +965,9 @@ impl Core {
             }
         }
         self.apply_backpressure(consumer);
-        self.metrics.buffered_bytes.set(self.buffered_bytes as i64);
+        self.metrics
+            .buffered_bytes
+            .set(self.buffered_bytes() as i64);
         if self
             .watchdog
             .last_run
@@ -1178,7 +1179,7 @@ impl Core {
                         .join(",")
                 };
                 tracing::info!(
-                    buffered_bytes = self.buffered_bytes,
+                    buffered_bytes = self.buffered_bytes(),
                     paused = %names(&want),
                     "{}",
                     if want.len() > self.paused.len() {
@@ -1366,9 +1367,7 @@ impl Core {
     /// Exactly-once: batches of partitions no longer owned are not inserted
     /// (the new owner replays their ranges); their memory is given back.
     fn discard_batches_of(&mut self, keys: &[PartitionKey]) {
-        let mut freed = 0;
         for t in &mut self.tables {
-            let before = t.open.len() + t.waiting.len();
             let mut gone = 0;
             t.open.retain(|b| {
                 let keep = !b.partition.is_some_and(|k| keys.contains(&k));
@@ -1384,12 +1383,8 @@ impl Core {
                 }
                 keep
             });
-            if t.open.len() + t.waiting.len() < before {
-                t.buffered = t.buffered.saturating_sub(gone);
-                freed += gone;
-            }
+            t.buffered = t.buffered.saturating_sub(gone);
         }
-        self.buffered_bytes = self.buffered_bytes.saturating_sub(freed);
     }
 
     /// Closes every batch holding records of `keys` (all when `None`) and waits
@@ -1688,10 +1683,10 @@ mod tests {
         let (mut h, _rt) = exactly_once_harness(None);
         h.core.on_record(&record_at(0, 0, r#"{"id":1}"#));
         h.core.on_record(&record_at(1, 0, r#"{"id":1}"#));
-        let before = h.core.buffered_bytes;
+        let before = h.core.buffered_bytes();
         h.core.discard_batches_of(&[P0]);
         assert_eq!(h.core.tables[0].open.len(), 1);
-        assert!(h.core.buffered_bytes < before);
+        assert!(h.core.buffered_bytes() < before);
         close_all(&mut h);
         assert_eq!(ranges(&mut h, 0), vec![(1, 0, 0, 1)]);
     }
@@ -1757,7 +1752,7 @@ mod tests {
             rejected: 0,
         });
         assert_eq!(h.core.tracker.position(P0), Some(2));
-        assert_eq!(h.core.buffered_bytes, 0);
+        assert_eq!(h.core.buffered_bytes(), 0);
     }
 
     #[test]
@@ -1788,7 +1783,7 @@ mod tests {
     fn a_stop_takes_the_record_back_from_the_routes_that_took_it() {
         let mut h = harness(OnError::Stop, 100);
         h.core.on_record(&record(0, r#"{"id":1}"#));
-        let before = (h.core.tables[0].open[0].body.len(), h.core.buffered_bytes);
+        let before = (h.core.tables[0].open[0].body.len(), h.core.buffered_bytes());
         h.core.on_record(&record(1, r#"{"id":300}"#));
         assert!(matches!(
             h.core.fatal(),
@@ -1797,7 +1792,7 @@ mod tests {
         // Table a took offset 1 first; it was removed again.
         assert_eq!(h.core.tables[0].open[0].rows.len(), 1);
         assert_eq!(
-            (h.core.tables[0].open[0].body.len(), h.core.buffered_bytes),
+            (h.core.tables[0].open[0].body.len(), h.core.buffered_bytes()),
             before
         );
         assert_eq!(h.core.tables[0].open[0].segments.len(), 1);
