@@ -183,26 +183,21 @@ impl StateStore {
     /// after a deliberate offset reset, so that records below the old ranges
     /// are inserted again instead of skipped.
     pub async fn clear(&self, topic: Option<&str>) -> Result<u64, clickhouse::error::Error> {
-        let filter = "`group` = ? AND (? = '' OR `topic` = ?)";
-        let n: u64 = self
-            .client
-            .query(&format!(
-                "SELECT count() FROM {} WHERE {filter}",
-                self.qualified()
-            ))
-            .bind(&self.group)
-            .bind(topic.unwrap_or(""))
-            .bind(topic.unwrap_or(""))
-            .fetch_one()
-            .await?;
-        self.client
-            .query(&format!(
-                "DELETE FROM {} WHERE {filter} SETTINGS lightweight_deletes_sync = 2",
-                self.qualified()
-            ))
-            .bind(&self.group)
-            .bind(topic.unwrap_or(""))
-            .bind(topic.unwrap_or(""))
+        // The group's rows, of `topic` or of every topic.
+        let scoped = |sql: &str| {
+            let topic = topic.unwrap_or("");
+            self.client
+                .query(&format!(
+                    "{sql} {} WHERE `group` = ? AND (? = '' OR `topic` = ?)",
+                    self.qualified()
+                ))
+                .bind(&self.group)
+                .bind(topic)
+                .bind(topic)
+        };
+        let n: u64 = scoped("SELECT count() FROM").fetch_one().await?;
+        scoped("DELETE FROM")
+            .with_setting("lightweight_deletes_sync", "2")
             .execute()
             .await?;
         Ok(n)

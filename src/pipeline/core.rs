@@ -144,8 +144,9 @@ impl FailureRate {
         }
     }
 
-    fn success(&mut self, now: Instant) {
-        self.roll(now);
+    /// Counts a record that became a row. Per record, so no clock: the
+    /// window rolls in `Core::service` and before each failure is judged.
+    fn success(&mut self) {
         self.current.1 += 1.0;
     }
 
@@ -166,6 +167,7 @@ impl FailureRate {
             .then_some((bad.round() as u64, total.round() as u64))
     }
 
+    /// Starts a new window once the current one is over.
     fn roll(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.started);
         if elapsed >= self.window {
@@ -484,7 +486,6 @@ impl Core {
         let ti = key.topic as usize;
         self.topics[ti].consumed.inc();
         self.undo.clear();
-        let now = Instant::now();
         for i in 0..self.topics[ti].routes.len() {
             let route_idx = self.topics[ti].routes[i];
             let route = &mut self.routes[route_idx];
@@ -530,7 +531,7 @@ impl Core {
                         body: Vec::with_capacity(table.capacity_hint),
                         rows: Vec::new(),
                         segments,
-                        opened: now,
+                        opened: Instant::now(),
                         oldest_timestamp_ms: None,
                         first,
                         last: rec.offset,
@@ -572,7 +573,7 @@ impl Core {
                     let added = batch.body.len() - before.body_len;
                     table.buffered += added;
                     self.undo.push(before);
-                    route.rate.success(now);
+                    route.rate.success();
                 }
                 Err(error) => {
                     batch.body.truncate(before.body_len);
@@ -592,7 +593,7 @@ impl Core {
                         ])
                     });
                     counter.inc();
-                    if let Some((failed, total)) = route.rate.failure(now) {
+                    if let Some((failed, total)) = route.rate.failure(Instant::now()) {
                         let e = PipelineError::TooManyFailures {
                             route: route_idx,
                             table: table.name.clone(),
@@ -923,6 +924,9 @@ impl Core {
             self.on_event(ev);
         }
         let now = Instant::now();
+        for route in &mut self.routes {
+            route.rate.roll(now);
+        }
         let mut next_deadline = self.limits.commit_interval.min(Duration::from_millis(100));
         for ti in 0..self.tables.len() {
             self.send_waiting(ti);
