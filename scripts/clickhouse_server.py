@@ -45,6 +45,12 @@ CONFIG = """<clickhouse>
     <tcp_port>{tcp}</tcp_port>
     <max_concurrent_queries>200</max_concurrent_queries>
     <background_message_broker_schedule_pool_size>4</background_message_broker_schedule_pool_size>
+    <!-- As on a real server: `chbridge status` reads the last insert times here. -->
+    <query_log>
+        <database>system</database>
+        <table>query_log</table>
+        <flush_interval_milliseconds>1000</flush_interval_milliseconds>
+    </query_log>
     <kafka>
         <session_timeout_ms>2000</session_timeout_ms>
         <heartbeat_interval_ms>600</heartbeat_interval_ms>

@@ -20,3 +20,4 @@ pub mod pipeline;
 pub mod replay;
 pub mod schema;
 pub mod sink;
+pub mod status;

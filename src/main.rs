@@ -47,6 +47,27 @@ enum Command {
         #[arg(short, long, env = "CHBRIDGE_CONFIG")]
         config: PathBuf,
     },
+    /// Per topic and partition: the group's committed offset, the end offset,
+    /// the lag, the oldest record waiting, the owner, and the last insert per
+    /// table. Works whether bridges run or not. Exit code 2 when a partition
+    /// is stalled (its oldest record waits longer than `stall_timeout` and its
+    /// commit does not move).
+    Status {
+        #[arg(short, long, env = "CHBRIDGE_CONFIG")]
+        config: PathBuf,
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Give up reading after this long (partitions not read show as unknown).
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Exit 0 if a running bridge's health endpoint answers 200 (for a
+    /// container HEALTHCHECK: the runtime image has no curl).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9187/healthz")]
+        url: String,
+    },
     /// Dead letters: `chbridge dlq replay` inserts a route's dead letters into
     /// its table after a fix.
     Dlq {
@@ -113,6 +134,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => runtime.block_on(check(&config)),
         Command::Run { config } => runtime.block_on(run(&config)),
+        Command::Status {
+            config,
+            json,
+            timeout,
+        } => runtime.block_on(status(&config, json, timeout)),
+        Command::Healthcheck { url } => healthcheck(&url),
         Command::Dlq {
             command:
                 DlqCommand::Replay {
@@ -184,6 +211,53 @@ async fn state_clear(path: &std::path::Path, topic: Option<&str>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("chbridge state clear: {}: {e}", store.name());
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn status(path: &std::path::Path, json: bool, timeout: std::time::Duration) -> ExitCode {
+    let config = match load(path, "status") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let s = match chbridge::status::status(&config, timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("chbridge status: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&s) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("chbridge status: cannot encode JSON: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        print!("{}", chbridge::status::render(&s, now));
+    }
+    if s.stalled() > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn healthcheck(url: &str) -> ExitCode {
+    match chbridge::observability::http::probe(url, std::time::Duration::from_secs(3)) {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(code) => {
+            eprintln!("chbridge healthcheck: {url} answered {code}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("chbridge healthcheck: {url}: {e}");
             ExitCode::from(1)
         }
     }

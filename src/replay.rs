@@ -62,7 +62,7 @@ pub async fn replay(config: &Config, range: &Range) -> Result<Report, String> {
     let table = schema.to_string();
     let mut decoder = decode::decoder_for(route.format, &schema, route.unknown_fields);
     let sql = schema.insert_sql();
-    let writer = ClickHouseWriter::new(&config.clickhouse);
+    let writer = ClickHouseWriter::new(&config.clickhouse, &config.kafka.group_id);
 
     let mut c = crate::kafka::client_config(&config.kafka);
     c.set(

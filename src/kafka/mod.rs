@@ -2,6 +2,7 @@
 
 pub mod context;
 pub mod dead_letter;
+pub mod group;
 pub mod offsets;
 
 use rdkafka::config::ClientConfig;
@@ -55,8 +56,9 @@ impl<'a> Record<'a> {
 /// `Config::validate` already refused user values for them).
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    // Defaults a user may override.
-    c.set("client.id", "chbridge")
+    // Defaults a user may override. The client id names the member in the
+    // group's description (`chbridge status`, broker tools).
+    c.set("client.id", client_id(cfg))
         .set("partition.assignment.strategy", "cooperative-sticky")
         // librdkafka >= 2.4 idles ~1 s whenever its prefetch queue fills with
         // the default of 1000 ms; 10 ms keeps the pipeline fed.
@@ -79,6 +81,21 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set("group.instance.id", id);
     }
     c
+}
+
+/// `chbridge-<instance id>`, else `chbridge-<host name>` (the pod name in
+/// Kubernetes), else `chbridge`.
+fn client_id(cfg: &KafkaConfig) -> String {
+    let host = cfg.instance_id.clone().or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+    });
+    match host {
+        Some(h) => format!("chbridge-{h}"),
+        None => "chbridge".to_string(),
+    }
 }
 
 /// Describes an error from creating a client without the offending

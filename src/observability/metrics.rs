@@ -51,6 +51,10 @@ pub struct Metrics {
     pub state_writes: IntCounterVec,
     pub partition_stalled: IntGaugeVec,
     pub route_stopped: IntGaugeVec,
+    /// The configured `max_buffered_bytes`, so that alerts can compare.
+    pub buffered_bytes_limit: IntGauge,
+    /// Unix time of the last acknowledged insert, by table.
+    pub last_insert: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -107,6 +111,21 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("metric malformed: {e}"));
         register(&r, Box::new(latency.clone()));
+        gauge_vec(
+            &r,
+            "chbridge_build_info",
+            "Always 1; the version label tells which chbridge runs",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        // process_resident_memory_bytes, process_cpu_seconds_total, open fds:
+        // the standard names every dashboard and alert already knows.
+        #[cfg(target_os = "linux")]
+        register(
+            &r,
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        );
         Metrics {
             records_consumed: counter(
                 &r,
@@ -242,6 +261,17 @@ impl Metrics {
                 "chbridge_route_stopped",
                 "1 once a route was stopped for failing more than max_failed_ratio (its topics pause until a restart)",
                 &["route", "table"],
+            ),
+            buffered_bytes_limit: gauge(
+                &r,
+                "chbridge_buffered_bytes_limit",
+                "The configured max_buffered_bytes: consumption pauses as chbridge_buffered_bytes nears it",
+            ),
+            last_insert: gauge_vec(
+                &r,
+                "chbridge_last_insert_timestamp_seconds",
+                "Unix time of the last insert ClickHouse acknowledged, by table",
+                &["table"],
             ),
             registry: r,
         }

@@ -413,6 +413,9 @@ impl Core {
                 routes,
             })
             .collect();
+        metrics
+            .buffered_bytes_limit
+            .set(limits.max_buffered_bytes as i64);
         Core {
             limits,
             topics,

@@ -193,7 +193,10 @@ pub async fn run(
     let topic_names: Vec<String> = config.topics();
     let topic_list = Arc::new(topic_names.clone());
     let sinks_cancel = CancellationToken::new();
-    let writer = Arc::new(ClickHouseWriter::new(&config.clickhouse));
+    let writer = Arc::new(ClickHouseWriter::new(
+        &config.clickhouse,
+        &config.kafka.group_id,
+    ));
     let mut tables = Vec::new();
     for (ti, s) in schemas.iter().enumerate() {
         let (tx, rx) = mpsc::channel(SINK_QUEUE);

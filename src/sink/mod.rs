@@ -117,10 +117,16 @@ pub fn client(cfg: &ClickHouseConfig) -> clickhouse::Client {
     c
 }
 
+/// The `log_comment` of the group's inserts: `chbridge status` finds the
+/// last insert per table in ClickHouse's query log by it.
+pub fn log_comment(group: &str) -> String {
+    format!("chbridge:{group}")
+}
+
 impl ClickHouseWriter {
-    pub fn new(cfg: &ClickHouseConfig) -> ClickHouseWriter {
+    pub fn new(cfg: &ClickHouseConfig, group: &str) -> ClickHouseWriter {
         ClickHouseWriter {
-            client: client(cfg),
+            client: client(cfg).with_setting("log_comment", log_comment(group)),
             timeout: cfg.insert_timeout,
         }
     }
@@ -546,6 +552,10 @@ impl<W: Writer> TableSink<W> {
         m.batch_rows
             .with_label_values(&[table])
             .observe(rows as f64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        m.last_insert.with_label_values(&[table]).set(now);
     }
 
     async fn insert_with_retry(

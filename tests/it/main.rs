@@ -12,3 +12,4 @@ mod dead_letters;
 mod end_to_end;
 mod exactly_once;
 mod restarts;
+mod status;
