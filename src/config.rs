@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::decode::{Format, UnknownFields};
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub kafka: KafkaConfig,
@@ -66,7 +66,7 @@ pub enum Delivery {
     ExactlyOnce,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExactlyOnceConfig {
     /// The table where chbridge records each batch's offset range before
@@ -92,7 +92,7 @@ fn default_state_table() -> String {
     "chbridge_batches".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma-separated `host:port`. Required, here or in
@@ -119,7 +119,7 @@ pub struct KafkaConfig {
 }
 
 /// librdkafka properties; `Debug` hides the values of secret-looking keys.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Default, PartialEq, Deserialize)]
 #[serde(transparent)]
 pub struct Properties(pub BTreeMap<String, String>);
 
@@ -172,7 +172,7 @@ impl OffsetReset {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseConfig {
     /// HTTP(S) endpoint. Env: `CHBRIDGE_CLICKHOUSE_URL`. Default: "http://127.0.0.1:8123".
@@ -196,7 +196,7 @@ pub struct ClickHouseConfig {
     pub insert_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Topics whose records go to `table`.
@@ -249,7 +249,7 @@ fn default_failed_window() -> Duration {
     Duration::from_secs(60)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     /// Flush a table's batch at this many rows. Default: 100000.
@@ -263,7 +263,7 @@ pub struct BatchConfig {
     pub max_wait: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommitConfig {
     /// How often acknowledged offsets are committed (asynchronously). Commits on
@@ -272,7 +272,7 @@ pub struct CommitConfig {
     pub interval: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// First backoff after a transient insert failure. Default: "200ms".
@@ -287,7 +287,7 @@ pub struct RetryConfig {
     pub max_attempts: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of `/metrics`, `/healthz` and `/readyz`. Default: "0.0.0.0:9187".
@@ -295,7 +295,7 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// "text" (default) or "json".
@@ -641,6 +641,95 @@ impl Config {
         Ok(())
     }
 
+    /// What a reload (SIGHUP) from `self` to `new` changes: the keys it
+    /// may change while running (batching, the log level, the routes' error
+    /// policy), or, if anything else changed, every other key that did. The
+    /// rest shapes what was built at start (clients, group membership,
+    /// decoders, table schemas, the delivery mode) and needs a restart.
+    pub fn reload_changes(&self, new: &Config) -> Result<Vec<String>, Vec<String>> {
+        let mut changed = Vec::new();
+        let mut note = |key: &str, differs: bool| {
+            if differs {
+                changed.push(key.to_string());
+            }
+        };
+        note("batch.max_rows", self.batch.max_rows != new.batch.max_rows);
+        note(
+            "batch.max_bytes",
+            self.batch.max_bytes != new.batch.max_bytes,
+        );
+        note("batch.max_wait", self.batch.max_wait != new.batch.max_wait);
+        note("log.level", self.log.level != new.log.level);
+        // The new configuration with the reloadable keys put back: whatever
+        // still differs needs a restart.
+        let mut rest = new.clone();
+        rest.batch = self.batch.clone();
+        rest.log.level = self.log.level.clone();
+        if rest.routes.len() == self.routes.len() {
+            for (i, (r, old)) in rest.routes.iter_mut().zip(&self.routes).enumerate() {
+                note(&format!("routes[{i}].on_error"), r.on_error != old.on_error);
+                note(
+                    &format!("routes[{i}].dead_letter_topic"),
+                    r.dead_letter_topic != old.dead_letter_topic,
+                );
+                note(
+                    &format!("routes[{i}].max_failed_ratio"),
+                    r.max_failed_ratio != old.max_failed_ratio,
+                );
+                note(
+                    &format!("routes[{i}].failed_window"),
+                    r.failed_window != old.failed_window,
+                );
+                r.on_error = old.on_error;
+                r.dead_letter_topic = old.dead_letter_topic.clone();
+                r.max_failed_ratio = old.max_failed_ratio;
+                r.failed_window = old.failed_window;
+            }
+        }
+        let mut refused = Vec::new();
+        let mut refuse = |key: &str, differs: bool| {
+            if differs {
+                refused.push(key.to_string());
+            }
+        };
+        refuse("kafka", rest.kafka != self.kafka);
+        refuse("clickhouse", rest.clickhouse != self.clickhouse);
+        refuse(
+            "routes (topics, tables, formats or their number)",
+            rest.routes != self.routes,
+        );
+        refuse("commit", rest.commit != self.commit);
+        refuse("retry", rest.retry != self.retry);
+        refuse("http", rest.http != self.http);
+        refuse("log.format", rest.log != self.log);
+        refuse(
+            "max_buffered_bytes",
+            rest.max_buffered_bytes != self.max_buffered_bytes,
+        );
+        refuse(
+            "shutdown_timeout",
+            rest.shutdown_timeout != self.shutdown_timeout,
+        );
+        refuse("stall_timeout", rest.stall_timeout != self.stall_timeout);
+        refuse("delivery", rest.delivery != self.delivery);
+        refuse("exactly_once", rest.exactly_once != self.exactly_once);
+        // Dead letters need the producer, which is created at start only if
+        // a route used them then.
+        let dead_letters = |c: &Config| c.routes.iter().any(|r| r.on_error == OnError::DeadLetter);
+        if dead_letters(new) && !dead_letters(self) {
+            refused.push(
+                "on_error = \"dead-letter\" on a route (no route used dead letters at start, so \
+                 the dead-letter producer does not exist)"
+                    .to_string(),
+            );
+        }
+        if refused.is_empty() {
+            Ok(changed)
+        } else {
+            Err(refused)
+        }
+    }
+
     /// Target table of route `i` as (database, table).
     pub fn route_table(&self, i: usize) -> (String, String) {
         self.qualify(&self.routes[i].table)
@@ -727,6 +816,44 @@ table = "analytics.events"
         .unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("enable.auto.commit"), "{e}");
+    }
+
+    #[test]
+    fn reload_changes_only_what_is_safe() {
+        let old = Config::parse(MINIMAL).unwrap();
+        let mut new = old.clone();
+        assert_eq!(old.reload_changes(&new), Ok(vec![]));
+        new.batch.max_rows = 10;
+        new.log.level = "debug".into();
+        new.routes[0].on_error = OnError::Skip;
+        new.routes[0].max_failed_ratio = 0.1;
+        assert_eq!(
+            old.reload_changes(&new),
+            Ok(vec![
+                "batch.max_rows".to_string(),
+                "log.level".into(),
+                "routes[0].on_error".into(),
+                "routes[0].max_failed_ratio".into()
+            ])
+        );
+        // Anything else refuses the whole reload, naming what needs a restart.
+        new.kafka.group_id = "other".into();
+        new.routes[0].table = "elsewhere".into();
+        new.delivery = Delivery::ExactlyOnce;
+        assert_eq!(
+            old.reload_changes(&new),
+            Err(vec![
+                "kafka".to_string(),
+                "routes (topics, tables, formats or their number)".into(),
+                "delivery".into()
+            ])
+        );
+        // Dead letters need a producer made at start.
+        let mut dl = old.clone();
+        dl.routes[0].on_error = OnError::DeadLetter;
+        dl.routes[0].dead_letter_topic = Some("dlq".into());
+        assert!(old.reload_changes(&dl).unwrap_err()[0].contains("dead-letter producer"));
+        assert!(dl.reload_changes(&old).is_ok());
     }
 
     #[test]

@@ -296,8 +296,15 @@ async fn run(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    observability::logging::init(config.log.format, &config.log.level);
-    match run_bridge(config).await {
+    let levels = observability::logging::init(config.log.format, &config.log.level);
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(reload_on_sighup(
+        path.to_path_buf(),
+        config.clone(),
+        levels,
+        reload_tx,
+    ));
+    match run_bridge(config, reload_rx).await {
         Ok(pipeline::Outcome { drained: true }) => {
             tracing::info!("stopped cleanly: every batch inserted and committed");
             ExitCode::SUCCESS
@@ -317,7 +324,10 @@ async fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run_bridge(config: Config) -> anyhow::Result<pipeline::Outcome> {
+async fn run_bridge(
+    config: Config,
+    reloads: tokio::sync::mpsc::UnboundedReceiver<Config>,
+) -> anyhow::Result<pipeline::Outcome> {
     let metrics = Arc::new(Metrics::new());
     // Revocation may block the loop for up to shutdown_timeout: only a longer
     // silence is a stall.
@@ -336,9 +346,61 @@ async fn run_bridge(config: Config) -> anyhow::Result<pipeline::Outcome> {
     .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
     tokio::spawn(wait_for_signal(shutdown.clone()));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "chbridge starting");
-    let result = pipeline::run(config, metrics, health, shutdown).await;
+    let result = pipeline::run(config, metrics, health, shutdown, reloads).await;
     http_cancel.cancel();
     Ok(result?)
+}
+
+/// On SIGHUP: re-reads the configuration file and applies what may change
+/// while running (batching, log level, routes' error policy). Anything else
+/// refuses the whole reload with a log line naming the keys; the running
+/// configuration stays as it was.
+async fn reload_on_sighup(
+    path: PathBuf,
+    mut current: Config,
+    levels: observability::logging::LevelHandle,
+    apply: tokio::sync::mpsc::UnboundedSender<Config>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler: configuration reload is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let new = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(config = %path.display(), "reload refused, the running configuration stays: {e}");
+                continue;
+            }
+        };
+        let changed = match current.reload_changes(&new) {
+            Ok(changed) => changed,
+            Err(keys) => {
+                tracing::error!(
+                    config = %path.display(),
+                    "reload refused, nothing was changed: {} changed, which needs a restart \
+                     (roll the pods, or stop and start chbridge)",
+                    keys.join(", ")
+                );
+                continue;
+            }
+        };
+        if changed.is_empty() {
+            tracing::info!(config = %path.display(), "reload: nothing changed");
+            continue;
+        }
+        if new.log.level != current.log.level {
+            if let Err(e) = levels.set(&new.log.level) {
+                tracing::warn!("log.level not reloaded: {e}");
+            }
+        }
+        if apply.send(new.clone()).is_err() {
+            return;
+        }
+        tracing::info!(changed = %changed.join(", "), "configuration reloaded");
+        current = new;
+    }
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

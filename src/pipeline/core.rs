@@ -57,6 +57,38 @@ impl Limits {
     }
 }
 
+/// The part of a reloaded configuration the consumer thread applies: batch
+/// limits and, per route, its error policy.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+    pub routes: Vec<(OnError, Option<String>, Duration, f64)>,
+}
+
+impl Reload {
+    pub fn of(c: &Config) -> Reload {
+        Reload {
+            max_rows: c.batch.max_rows,
+            max_bytes: c.batch.max_bytes.as_u64() as usize,
+            max_wait: c.batch.max_wait,
+            routes: c
+                .routes
+                .iter()
+                .map(|r| {
+                    (
+                        r.on_error,
+                        r.dead_letter_topic.clone(),
+                        r.failed_window,
+                        r.max_failed_ratio,
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 pub struct TopicState {
     pub name: String,
     /// Indexes into `Core::routes`.
@@ -359,6 +391,7 @@ pub struct Core {
     /// Topics of routes stopped for failing too often (`stop_topic`).
     stopped_topics: BTreeSet<u32>,
     watchdog: Watchdog,
+    reloads: Option<std_mpsc::Receiver<Reload>>,
     metrics: Arc<Metrics>,
 }
 
@@ -385,6 +418,8 @@ struct Undo {
 
 /// What the pipeline shares with the sink tasks and the dead-letter producer.
 pub struct Shared {
+    /// Reloaded batching and error policies (SIGHUP).
+    pub reloads: Option<std_mpsc::Receiver<Reload>>,
     pub ownership: Arc<Ownership>,
     pub dead_letters: Option<Arc<DeadLetters>>,
     pub exactly_once: Option<ExactlyOnce>,
@@ -437,6 +472,7 @@ impl Core {
             recovered: HashSet::new(),
             stopped_topics: BTreeSet::new(),
             watchdog: Watchdog::default(),
+            reloads: shared.reloads,
             metrics,
         }
     }
@@ -919,12 +955,34 @@ impl Core {
         }
     }
 
+    /// New batch limits apply to open batches at their next check; a route's
+    /// failure window starts afresh under its new policy.
+    fn reload(&mut self, r: Reload) {
+        self.limits.max_rows = r.max_rows;
+        self.limits.max_bytes = r.max_bytes;
+        self.limits.max_wait = r.max_wait;
+        for (route, (on_error, dlq, window, ratio)) in self.routes.iter_mut().zip(r.routes) {
+            route.on_error = on_error;
+            route.dead_letter_topic = dlq;
+            route.rate = FailureRate::new(window, ratio);
+        }
+        tracing::info!(
+            max_rows = r.max_rows,
+            max_bytes = r.max_bytes,
+            max_wait_ms = r.max_wait.as_millis() as u64,
+            "batching and route error policies reloaded"
+        );
+    }
+
     /// Housekeeping between polls: acknowledgements, batches that waited
     /// long enough, queued sends, periodic commits, and back-pressure.
     /// Returns how long the next poll may block.
     pub fn service(&mut self, consumer: &Consumer) -> Duration {
         while let Ok(ev) = self.events.try_recv() {
             self.on_event(ev);
+        }
+        while let Some(r) = self.reloads.as_ref().and_then(|rx| rx.try_recv().ok()) {
+            self.reload(r);
         }
         let now = Instant::now();
         for route in &mut self.routes {
@@ -1524,6 +1582,7 @@ mod tests {
             tables,
             events_rx,
             Shared {
+                reloads: None,
                 ownership: Arc::new(Ownership::default()),
                 dead_letters: None,
                 exactly_once: None,

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use self::core::{Core, ExactlyOnce, Limits, RouteState, Shared, TableState};
+use self::core::{Core, ExactlyOnce, Limits, Reload, RouteState, Shared, TableState};
 use crate::config::{Config, Delivery, OnError};
 use crate::decode::{self, RecordError};
 use crate::exactly_once::{self, StateStore};
@@ -23,7 +23,7 @@ use crate::kafka::offsets::Ownership;
 use crate::kafka::Record;
 use crate::observability::{Health, Metrics};
 use crate::schema::{self, TableSchema};
-use crate::sink::{self, ClickHouseWriter, InsertError, RowPolicy, TableSink};
+use crate::sink::{self, ClickHouseWriter, InsertError, RowPolicies, RowPolicy, TableSink};
 
 /// Why the pipeline stopped before being asked to.
 #[derive(Debug, thiserror::Error)]
@@ -139,11 +139,14 @@ pub async fn load_tables(
 }
 
 /// Runs until `shutdown` fires (then drains and commits) or a fatal error.
+/// Configurations received on `reloads` (checked by `Config::reload_changes`)
+/// replace batching and the routes' error policy while running.
 pub async fn run(
     config: Config,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: CancellationToken,
+    reloads: mpsc::UnboundedReceiver<Config>,
 ) -> Result<Outcome, PipelineError> {
     let client = sink::client(&config.clickhouse);
     // A bridge may start before ClickHouse (a pod restart, a whole-cluster
@@ -198,33 +201,12 @@ pub async fn run(
         &config.kafka.group_id,
     ));
     let mut tables = Vec::new();
+    let mut policy_txs = Vec::new();
     for (ti, s) in schemas.iter().enumerate() {
         let (tx, rx) = mpsc::channel(SINK_QUEUE);
-        // Per topic: the policy of the route from it to this table.
-        let feeding = |topic: &String| {
-            config
-                .routes
-                .iter()
-                .zip(&route_tables)
-                .find(|(r, &t)| t == ti && r.topics.contains(topic))
-                .map(|(r, _)| r)
-        };
-        let policies = topic_names
-            .iter()
-            .map(|t| match feeding(t) {
-                Some(r) if r.on_error == OnError::Skip => RowPolicy::Skip,
-                Some(r) if r.on_error == OnError::DeadLetter => {
-                    RowPolicy::DeadLetter(r.dead_letter_topic.clone().unwrap_or_default())
-                }
-                _ => RowPolicy::Stop,
-            })
-            .collect();
-        let max_rejected_ratio = topic_names
-            .iter()
-            .filter_map(feeding)
-            .filter(|r| r.on_error != OnError::Stop)
-            .map(|r| r.max_failed_ratio)
-            .fold(1.0, f64::min);
+        let (policy_tx, policies) =
+            watch::channel(row_policies(&config, &route_tables, &topic_names, ti));
+        policy_txs.push(policy_tx);
         let sink = TableSink {
             writer: writer.clone(),
             table_name: s.to_string(),
@@ -234,7 +216,6 @@ pub async fn run(
             health: health.clone(),
             topics: topic_list.clone(),
             policies,
-            max_rejected_ratio,
             dead_letters: dead_letters.clone(),
             state: state.clone(),
             group: config.kafka.group_id.clone(),
@@ -267,7 +248,16 @@ pub async fn run(
             (t.clone(), routes)
         })
         .collect();
+    let (core_reload_tx, core_reloads) = std_mpsc::channel();
+    tokio::spawn(apply_reloads(
+        reloads,
+        policy_txs,
+        core_reload_tx,
+        route_tables.clone(),
+        topic_names.clone(),
+    ));
     let shared = Shared {
+        reloads: Some(core_reloads),
         ownership,
         dead_letters: dead_letters.clone(),
         exactly_once: state.map(|state| ExactlyOnce {
@@ -322,6 +312,61 @@ pub async fn run(
             .ok();
     }
     result
+}
+
+/// What the routes into table `ti` do with rows ClickHouse refuses, per topic.
+fn row_policies(
+    config: &Config,
+    route_tables: &[usize],
+    topic_names: &[String],
+    ti: usize,
+) -> RowPolicies {
+    let feeding = |topic: &String| {
+        config
+            .routes
+            .iter()
+            .zip(route_tables)
+            .find(|(r, &t)| t == ti && r.topics.contains(topic))
+            .map(|(r, _)| r)
+    };
+    RowPolicies {
+        by_topic: topic_names
+            .iter()
+            .map(|t| match feeding(t) {
+                Some(r) if r.on_error == OnError::Skip => RowPolicy::Skip,
+                Some(r) if r.on_error == OnError::DeadLetter => {
+                    RowPolicy::DeadLetter(r.dead_letter_topic.clone().unwrap_or_default())
+                }
+                _ => RowPolicy::Stop,
+            })
+            .collect(),
+        max_rejected_ratio: topic_names
+            .iter()
+            .filter_map(feeding)
+            .filter(|r| r.on_error != OnError::Stop)
+            .map(|r| r.max_failed_ratio)
+            .fold(1.0, f64::min),
+    }
+}
+
+/// Applies reloaded configurations (already checked by
+/// `Config::reload_changes`) to the sinks and, through `core`, to the
+/// consumer thread.
+async fn apply_reloads(
+    mut reloads: mpsc::UnboundedReceiver<Config>,
+    policy_txs: Vec<watch::Sender<RowPolicies>>,
+    core: std_mpsc::Sender<Reload>,
+    route_tables: Vec<usize>,
+    topic_names: Vec<String>,
+) {
+    while let Some(config) = reloads.recv().await {
+        for (ti, tx) in policy_txs.iter().enumerate() {
+            let _ = tx.send(row_policies(&config, &route_tables, &topic_names, ti));
+        }
+        if core.send(Reload::of(&config)).is_err() {
+            return;
+        }
+    }
 }
 
 /// Exactly-once needs the state table, and target tables that deduplicate.

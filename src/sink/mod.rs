@@ -177,6 +177,22 @@ pub enum RowPolicy {
     DeadLetter(String),
 }
 
+/// What the routes into a table say about the rows ClickHouse refuses.
+/// A reload (SIGHUP) replaces it while the sink runs.
+#[derive(Debug, Clone)]
+pub struct RowPolicies {
+    /// Per topic index: the policy of the route from that topic to this table.
+    pub by_topic: Vec<RowPolicy>,
+    /// Stop isolating bad rows once more than this share of a batch was refused.
+    pub max_rejected_ratio: f64,
+}
+
+impl RowPolicies {
+    fn of(&self, topic: u32) -> Option<&RowPolicy> {
+        self.by_topic.get(topic as usize)
+    }
+}
+
 /// Everything a table's sink task needs.
 pub struct TableSink<W> {
     pub writer: Arc<W>,
@@ -187,10 +203,7 @@ pub struct TableSink<W> {
     pub health: Arc<Health>,
     /// Topic names, indexed like `PartitionKey::topic`.
     pub topics: Arc<Vec<String>>,
-    /// Per topic index: the policy of the route from that topic to this table.
-    pub policies: Vec<RowPolicy>,
-    /// Stop isolating bad rows once more than this share of a batch was refused.
-    pub max_rejected_ratio: f64,
+    pub policies: tokio::sync::watch::Receiver<RowPolicies>,
     pub dead_letters: Option<Arc<DeadLetters>>,
     /// Exactly-once: where batch ranges are recorded, and the group for tokens.
     pub state: Option<StateStore>,
@@ -327,12 +340,11 @@ impl<W: Writer> TableSink<W> {
 
     /// Isolating bad rows is worth it unless every row's route says stop.
     fn may_isolate(&self, batch: &ReadyBatch) -> bool {
-        batch.rows.iter().any(|r| {
-            !matches!(
-                self.policies.get(r.key.topic as usize),
-                Some(RowPolicy::Stop) | None
-            )
-        })
+        let policies = self.policies.borrow();
+        batch
+            .rows
+            .iter()
+            .any(|r| !matches!(policies.of(r.key.topic), Some(RowPolicy::Stop) | None))
     }
 
     /// Splits a refused batch until the rows ClickHouse refuses on their own
@@ -347,7 +359,9 @@ impl<W: Writer> TableSink<W> {
         first: InsertError,
     ) -> Result<Vec<Rejected>, InsertError> {
         let n = batch.rows.len();
-        let limit = ((n as f64 * self.max_rejected_ratio).ceil() as usize).max(10);
+        // A copy: a reload must not change the rules halfway through a batch.
+        let policies = self.policies.borrow().clone();
+        let limit = ((n as f64 * policies.max_rejected_ratio).ceil() as usize).max(10);
         let mut rejected = Vec::new();
         let mut work: Vec<(usize, usize, Option<InsertError>)> = vec![(0, n, Some(first))];
         while let Some((lo, hi, known)) = work.pop() {
@@ -371,10 +385,7 @@ impl<W: Writer> TableSink<W> {
             };
             if hi - lo == 1 {
                 let row = batch.rows[lo];
-                if matches!(
-                    self.policies.get(row.key.topic as usize),
-                    Some(RowPolicy::Stop) | None
-                ) {
+                if matches!(policies.of(row.key.topic), Some(RowPolicy::Stop) | None) {
                     return Err(InsertError {
                         message: format!(
                             "the record at {}[{}] offset {} was refused (route on_error = \"stop\"): {}",
@@ -442,6 +453,7 @@ impl<W: Writer> TableSink<W> {
         rejected: &[Rejected],
     ) -> Result<(), InsertError> {
         // What each refused row's route does with it.
+        let policies = self.policies.borrow().clone();
         let mut letters: Vec<(String, String, i32, i64, String)> = Vec::new();
         for r in rejected {
             let row = batch.rows[r.row];
@@ -450,7 +462,7 @@ impl<W: Writer> TableSink<W> {
                 .records_failed
                 .with_label_values(&[&topic, &self.table_name, "rejected"])
                 .inc();
-            match self.policies.get(row.key.topic as usize) {
+            match policies.of(row.key.topic) {
                 Some(RowPolicy::DeadLetter(dlq)) => letters.push((
                     dlq.clone(),
                     topic,
@@ -834,8 +846,11 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new(Duration::from_secs(60))),
             topics: Arc::new(vec!["t".into()]),
-            policies: vec![RowPolicy::Skip],
-            max_rejected_ratio: 0.5,
+            policies: tokio::sync::watch::channel(RowPolicies {
+                by_topic: vec![RowPolicy::Skip],
+                max_rejected_ratio: 0.5,
+            })
+            .1,
             dead_letters: None,
             state: None,
             group: "g".into(),

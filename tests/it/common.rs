@@ -258,6 +258,7 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
 }
 
 /// A config file for one test. `routes` is TOML for the [[routes]] entries.
+#[derive(Clone)]
 pub struct BridgeConfig {
     pub group: String,
     pub database: String,

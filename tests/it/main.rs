@@ -11,5 +11,6 @@ mod clickhouse_outage;
 mod dead_letters;
 mod end_to_end;
 mod exactly_once;
+mod reload;
 mod restarts;
 mod status;
