@@ -885,6 +885,23 @@ table = "analytics.events"
             let c = Config::load(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert!(!c.routes.is_empty(), "{file}");
         }
+        // The Kubernetes configurations take the connection settings from the
+        // Deployment's environment.
+        for file in [
+            "deploy/kubernetes/base/chbridge.toml",
+            "deploy/kubernetes/components/production/chbridge.toml",
+        ] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            let mut c = Config::parse(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(c.validate().is_err(), "{file} names no brokers itself");
+            c.apply_env(|k| match k {
+                "CHBRIDGE_KAFKA_BROKERS" => Some("kafka:9092".into()),
+                "CHBRIDGE_KAFKA_GROUP_ID" => Some("chbridge".into()),
+                "CHBRIDGE_CLICKHOUSE_URL" => Some("http://clickhouse:8123".into()),
+                _ => None,
+            });
+            c.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
     }
 
     #[test]

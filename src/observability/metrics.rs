@@ -3,6 +3,8 @@
 //! Labels are low-cardinality by construction: topic, partition, table, and a
 //! small fixed set of reasons or error classes.
 
+use crate::config::OnError;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -55,6 +57,8 @@ pub struct Metrics {
     pub buffered_bytes_limit: IntGauge,
     /// Unix time of the last acknowledged insert, by table.
     pub last_insert: IntGaugeVec,
+    /// 1 per (route, topic, table): joins topics' lag to tables in queries.
+    pub route_info: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -192,12 +196,19 @@ impl Metrics {
                 "Offset last committed for the partition",
                 &["topic", "partition"],
             ),
-            commits: counter(
-                &r,
-                "chbridge_commits_total",
-                "Offset commit requests sent, and those that failed",
-                &["result"],
-            ),
+            commits: {
+                let c = counter(
+                    &r,
+                    "chbridge_commits_total",
+                    "Offset commit requests sent, and those that failed",
+                    &["result"],
+                );
+                // At 0 from the start, so that the first failure is an increase.
+                for result in ["sent", "failed"] {
+                    c.with_label_values(&[result]);
+                }
+                c
+            },
             high_watermark: gauge_vec(
                 &r,
                 "chbridge_high_watermark_offset",
@@ -273,7 +284,51 @@ impl Metrics {
                 "Unix time of the last insert ClickHouse acknowledged, by table",
                 &["table"],
             ),
+            route_info: gauge_vec(
+                &r,
+                "chbridge_route_info",
+                "Always 1: route N reads topic into table (to join lag by topic with inserts by table)",
+                &["route", "topic", "table"],
+            ),
             registry: r,
+        }
+    }
+
+    /// Creates a table's series at 0, and those of the routes into it, so
+    /// that the first insert, error or dead letter is an increase Prometheus
+    /// can see: a counter that appears at 1 shows no increase.
+    pub fn init_table(&self, table: &str, routes: &[(usize, &str, OnError)]) {
+        for c in [
+            &self.rows_inserted,
+            &self.insert_bytes,
+            &self.batches_inserted,
+            &self.insert_retries,
+            &self.bisect_inserts,
+        ] {
+            c.with_label_values(&[table]);
+        }
+        for class in ["transient", "data", "fatal"] {
+            self.insert_errors.with_label_values(&[table, class]);
+        }
+        for &(route, topic, on_error) in routes {
+            self.route_info
+                .with_label_values(&[&route.to_string(), topic, table])
+                .set(1);
+            for reason in [
+                "empty",
+                "malformed",
+                "conversion",
+                "unknown_field",
+                "rejected",
+            ] {
+                self.records_failed
+                    .with_label_values(&[topic, table, reason]);
+            }
+            if on_error == OnError::DeadLetter {
+                for class in ["decode", "data"] {
+                    self.dead_letters.with_label_values(&[topic, table, class]);
+                }
+            }
         }
     }
 

@@ -448,9 +448,6 @@ impl Core {
                 routes,
             })
             .collect();
-        metrics
-            .buffered_bytes_limit
-            .set(limits.max_buffered_bytes as i64);
         Core {
             limits,
             topics,

@@ -148,6 +148,9 @@ pub async fn run(
     shutdown: CancellationToken,
     reloads: mpsc::UnboundedReceiver<Config>,
 ) -> Result<Outcome, PipelineError> {
+    metrics
+        .buffered_bytes_limit
+        .set(config.max_buffered_bytes.as_u64() as i64);
     let client = sink::client(&config.clickhouse);
     // A bridge may start before ClickHouse (a pod restart, a whole-cluster
     // start): wait for it, as for any transient failure, instead of exiting.
@@ -222,6 +225,14 @@ pub async fn run(
             ownership: ownership.clone(),
         };
         tokio::spawn(sink.run(rx, events_tx.clone(), sinks_cancel.clone()));
+        let into_table: Vec<(usize, &str, OnError)> = config
+            .routes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| route_tables[i] == ti)
+            .flat_map(|(i, r)| r.topics.iter().map(move |t| (i, t.as_str(), r.on_error)))
+            .collect();
+        metrics.init_table(&s.to_string(), &into_table);
         tables.push(TableState::new(s.to_string(), tx));
         tracing::info!(table = %s, columns = s.insert_columns().count(), "target table ready");
     }

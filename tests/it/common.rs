@@ -406,7 +406,12 @@ impl Bridge {
             return -1.0;
         };
         body.lines()
-            .filter(|l| l.starts_with(name) && l.contains(filter))
+            // The exact name: `chbridge_buffered_bytes` is not `..._limit`.
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                    && l.contains(filter)
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }

@@ -198,19 +198,19 @@ table = "t_all"
         let filter = format!("topic=\"{topic}\"");
         assert!(
             wait_until(Duration::from_secs(15), || bridge
-                .metric("chbridge_committed_offset{", &filter)
+                .metric("chbridge_committed_offset", &filter)
                 == PER_TOPIC as f64
-                && bridge.metric("chbridge_consumer_lag{", &filter) == 0.0
-                && bridge.metric("chbridge_high_watermark_offset{", &filter)
+                && bridge.metric("chbridge_consumer_lag", &filter) == 0.0
+                && bridge.metric("chbridge_high_watermark_offset", &filter)
                     == PER_TOPIC as f64),
             "metrics of {topic}: committed {}, lag {}, high watermark {}",
-            bridge.metric("chbridge_committed_offset{", &filter),
-            bridge.metric("chbridge_consumer_lag{", &filter),
-            bridge.metric("chbridge_high_watermark_offset{", &filter)
+            bridge.metric("chbridge_committed_offset", &filter),
+            bridge.metric("chbridge_consumer_lag", &filter),
+            bridge.metric("chbridge_high_watermark_offset", &filter)
         );
     }
     assert_eq!(
-        bridge.metric("chbridge_rows_inserted_total{", ""),
+        bridge.metric("chbridge_rows_inserted_total", ""),
         (total + PER_TOPIC) as f64
     );
     let consumed = bridge.metric("chbridge_records_consumed_total", "");
