@@ -6,7 +6,7 @@ export CH_HTTP_PORT ?= 8123
 export CH_TCP_PORT ?= 9000
 export KAFKA_PORT ?= 9092
 
-.PHONY: help demo demo-stop test unit it chaos chaos-short lint fmt build release stack-up stack-down stack-status
+.PHONY: help demo demo-stop test unit it chaos chaos-short lint lint-deploy image fmt build release stack-up stack-down stack-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ demo-stop: ## stop the demo bridge and the local stack
 	scripts/demo.sh stop
 	scripts/stack.sh stop
 
-test: stack-up ## the whole suite: unit, integration (real stack) and a short fault-injection run
+test: stack-up lint-deploy ## the whole suite: deployment lint, unit, integration (real stack, real Prometheus), short fault injection
 	cargo test --all-targets
 	$(MAKE) chaos-short
 
@@ -26,6 +26,7 @@ unit: ## unit tests only (no servers needed)
 	cargo test --lib --bins
 
 it: stack-up ## integration tests only
+	scripts/deploy_tools.sh install
 	cargo test --test it
 
 # The chaos runs start their own private ClickHouse and broker on free ports:
@@ -37,6 +38,12 @@ chaos: release ## fault injection against the real stack, both delivery modes
 chaos-short: build ## a few faults only, both delivery modes, a few minutes
 	scripts/stack.sh install
 	.venv/bin/python scripts/chaos.py --short --bin target/debug/chbridge
+
+lint-deploy: ## Dockerfile, Compose, Kubernetes overlays, Prometheus rules, Grafana dashboard: offline checks
+	scripts/lint_deploy.sh
+
+image: ## build the container image (needs a Docker engine)
+	docker build -t chbridge:$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1) -t chbridge:latest .
 
 lint: ## formatting and clippy, warnings are errors
 	cargo fmt --all -- --check

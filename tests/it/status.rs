@@ -122,9 +122,21 @@ fn status_shows_lag_stalls_and_last_inserts() {
         "a running bridge is a member: {text}"
     );
 
+    // The container health check probes the same bridge.
+    let healthcheck = || {
+        Command::new(env!("CARGO_BIN_EXE_chbridge"))
+            .args(["healthcheck", "--url"])
+            .arg(format!("http://127.0.0.1:{}/healthz", cfg.http_port))
+            .status()
+            .expect("run chbridge healthcheck")
+            .code()
+    };
+    assert_eq!(healthcheck(), Some(0));
+
     // Stopped with 300 records left on partition 1 only.
     bridge.signal(libc::SIGTERM);
     assert!(bridge.wait(Duration::from_secs(30)).is_some());
+    assert_eq!(healthcheck(), Some(1), "no bridge answers any more");
     for id in 0..300u64 {
         prod.send(&topic, Some(1), 10_000 + id, &simple_record(10_000 + id, 1));
     }
