@@ -515,6 +515,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid(
+                "log.level",
+                format!("is not a filter such as \"info\" or \"info,chbridge=debug\": {e}"),
+            ));
+        }
         if self.kafka.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must name at least one broker"));
         }
@@ -646,7 +652,12 @@ impl Config {
     /// policy), or, if anything else changed, every other key that did. The
     /// rest shapes what was built at start (clients, group membership,
     /// decoders, table schemas, the delivery mode) and needs a restart.
-    pub fn reload_changes(&self, new: &Config) -> Result<Vec<String>, Vec<String>> {
+    /// `dead_letter_producer`: whether the running bridge created one at start.
+    pub fn reload_changes(
+        &self,
+        new: &Config,
+        dead_letter_producer: bool,
+    ) -> Result<Vec<String>, Vec<String>> {
         let mut changed = Vec::new();
         let mut note = |key: &str, differs: bool| {
             if differs {
@@ -713,10 +724,13 @@ impl Config {
         refuse("stall_timeout", rest.stall_timeout != self.stall_timeout);
         refuse("delivery", rest.delivery != self.delivery);
         refuse("exactly_once", rest.exactly_once != self.exactly_once);
+        // A key added later and not named above is refused too.
+        if refused.is_empty() && rest != *self {
+            refused.push("other keys".to_string());
+        }
         // Dead letters need the producer, which is created at start only if
         // a route used them then.
-        let dead_letters = |c: &Config| c.routes.iter().any(|r| r.on_error == OnError::DeadLetter);
-        if dead_letters(new) && !dead_letters(self) {
+        if new.uses_dead_letters() && !dead_letter_producer {
             refused.push(
                 "on_error = \"dead-letter\" on a route (no route used dead letters at start, so \
                  the dead-letter producer does not exist)"
@@ -728,6 +742,13 @@ impl Config {
         } else {
             Err(refused)
         }
+    }
+
+    /// Whether a route sends failed records to a dead-letter topic.
+    pub fn uses_dead_letters(&self) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.on_error == OnError::DeadLetter)
     }
 
     /// Target table of route `i` as (database, table).
@@ -822,13 +843,13 @@ table = "analytics.events"
     fn reload_changes_only_what_is_safe() {
         let old = Config::parse(MINIMAL).unwrap();
         let mut new = old.clone();
-        assert_eq!(old.reload_changes(&new), Ok(vec![]));
+        assert_eq!(old.reload_changes(&new, false), Ok(vec![]));
         new.batch.max_rows = 10;
         new.log.level = "debug".into();
         new.routes[0].on_error = OnError::Skip;
         new.routes[0].max_failed_ratio = 0.1;
         assert_eq!(
-            old.reload_changes(&new),
+            old.reload_changes(&new, false),
             Ok(vec![
                 "batch.max_rows".to_string(),
                 "log.level".into(),
@@ -841,7 +862,7 @@ table = "analytics.events"
         new.routes[0].table = "elsewhere".into();
         new.delivery = Delivery::ExactlyOnce;
         assert_eq!(
-            old.reload_changes(&new),
+            old.reload_changes(&new, false),
             Err(vec![
                 "kafka".to_string(),
                 "routes (topics, tables, formats or their number)".into(),
@@ -852,8 +873,10 @@ table = "analytics.events"
         let mut dl = old.clone();
         dl.routes[0].on_error = OnError::DeadLetter;
         dl.routes[0].dead_letter_topic = Some("dlq".into());
-        assert!(old.reload_changes(&dl).unwrap_err()[0].contains("dead-letter producer"));
-        assert!(dl.reload_changes(&old).is_ok());
+        assert!(old.reload_changes(&dl, false).unwrap_err()[0].contains("dead-letter producer"));
+        assert!(dl.reload_changes(&old, true).is_ok());
+        // Back to dead letters: the producer made at start is still there.
+        assert!(old.reload_changes(&dl, true).is_ok());
     }
 
     #[test]
@@ -906,6 +929,9 @@ table = "analytics.events"
 
     #[test]
     fn validation_names_the_bad_key() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.log.level = "info,chbridge=loud".into();
+        assert!(c.validate().unwrap_err().to_string().contains("log.level"));
         let mut c = Config::parse(MINIMAL).unwrap();
         c.routes[0].table = "a.b.c".into();
         assert!(c

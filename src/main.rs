@@ -51,7 +51,7 @@ enum Command {
     /// the lag, the oldest record waiting, the owner, and the last insert per
     /// table. Works whether bridges run or not. Exit code 2 when a partition
     /// is stalled (its oldest record waits longer than `stall_timeout` and its
-    /// commit does not move).
+    /// commit does not move), 3 when a partition could not be read.
     Status {
         #[arg(short, long, env = "CHBRIDGE_CONFIG")]
         config: PathBuf,
@@ -242,8 +242,11 @@ async fn status(path: &std::path::Path, json: bool, timeout: std::time::Duration
             .map_or(0, |d| d.as_secs() as i64);
         print!("{}", chbridge::status::render(&s, now));
     }
+    // 2: something is stuck; 3: something could not be told.
     if s.stalled() > 0 {
         ExitCode::from(2)
+    } else if s.count(chbridge::status::State::Unknown) > 0 {
+        ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
     }
@@ -366,15 +369,16 @@ async fn reload_on_sighup(
         tracing::warn!("cannot install the SIGHUP handler: configuration reload is off");
         return;
     };
+    let dead_letter_producer = current.uses_dead_letters();
     while hup.recv().await.is_some() {
-        let new = match Config::load(&path) {
+        let mut new = match Config::load(&path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(config = %path.display(), "reload refused, the running configuration stays: {e}");
                 continue;
             }
         };
-        let changed = match current.reload_changes(&new) {
+        let mut changed = match current.reload_changes(&new, dead_letter_producer) {
             Ok(changed) => changed,
             Err(keys) => {
                 tracing::error!(
@@ -392,8 +396,14 @@ async fn reload_on_sighup(
         }
         if new.log.level != current.log.level {
             if let Err(e) = levels.set(&new.log.level) {
+                // Kept as it was, so that the next SIGHUP tries again.
                 tracing::warn!("log.level not reloaded: {e}");
+                new.log.level = current.log.level.clone();
+                changed.retain(|k| k != "log.level");
             }
+        }
+        if changed.is_empty() {
+            continue;
         }
         if apply.send(new.clone()).is_err() {
             return;

@@ -74,10 +74,11 @@ pub struct Status {
 
 impl Status {
     pub fn stalled(&self) -> usize {
-        self.partitions
-            .iter()
-            .filter(|p| p.state == State::Stalled)
-            .count()
+        self.count(State::Stalled)
+    }
+
+    pub fn count(&self, state: State) -> usize {
+        self.partitions.iter().filter(|p| p.state == state).count()
     }
 }
 
@@ -89,7 +90,7 @@ pub async fn status(config: &Config, timeout: Duration) -> Result<Status, String
         .await
         .map_err(|e| format!("status reader failed: {e}"))??;
     let (partitions, group, mut notes) = kafka;
-    let (tables, note) = last_inserts(config).await;
+    let (tables, note) = last_inserts(config, timeout).await;
     notes.extend(note);
     let (group_state, members) = match group {
         Ok(g) => (Some(g.state), g.members),
@@ -111,7 +112,9 @@ pub async fn status(config: &Config, timeout: Duration) -> Result<Status, String
 type KafkaView = (Vec<PartitionStatus>, Result<Group, String>, Vec<String>);
 
 fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .ok_or("--timeout is too large")?;
     let mut cc = crate::kafka::client_config(&config.kafka);
     // Never take a running pod's static identity, never join, never commit:
     // assign() reads without joining the group.
@@ -148,6 +151,17 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
                 config.kafka.group_id
             )
         })?;
+    let mut unreadable = HashSet::new();
+    for e in committed.elements() {
+        if let Err(err) = e.error() {
+            notes.push(format!(
+                "{}[{}]: cannot read the committed offset: {err}",
+                e.topic(),
+                e.partition()
+            ));
+            unreadable.insert((e.topic().to_string(), e.partition()));
+        }
+    }
     let mut parts: Vec<PartitionStatus> = committed
         .elements()
         .iter()
@@ -172,9 +186,20 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
     let mut topics: Vec<String> = parts.iter().map(|p| p.topic.clone()).collect();
     topics.dedup();
     for topic in &topics {
-        let of_topic: Vec<&mut PartitionStatus> =
-            parts.iter_mut().filter(|p| &p.topic == topic).collect();
-        if let Err(e) = read_ends(&consumer, config, of_topic, &mut oldest, deadline) {
+        // A partition whose commit could not be read stays unknown: counting
+        // its lag from the start would be wrong.
+        let of_topic: Vec<&mut PartitionStatus> = parts
+            .iter_mut()
+            .filter(|p| &p.topic == topic && !unreadable.contains(&(p.topic.clone(), p.partition)))
+            .collect();
+        if let Err(e) = read_ends(
+            &consumer,
+            config,
+            of_topic,
+            &mut oldest,
+            deadline,
+            &mut notes,
+        ) {
             notes.push(format!("topic {topic}: {e}"));
         }
     }
@@ -185,7 +210,7 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
     for p in &mut parts {
         if let Some(ts) = oldest.get(&(p.topic.clone(), p.partition)) {
             if p.lag.is_some_and(|l| l > 0) {
-                p.oldest_waiting_ms = Some((now_ms - ts).max(0));
+                p.oldest_waiting_ms = Some(now_ms.saturating_sub(*ts).max(0));
             }
         }
     }
@@ -198,30 +223,53 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
         }
     }
 
-    judge(&consumer, config, &mut parts, deadline);
+    judge(&consumer, config, &mut parts);
     Ok((parts, group, notes))
 }
 
 /// Fills `end` and `lag` of one topic's partitions, and the timestamp of the
-/// record at each committed offset into `oldest`.
+/// record at each committed offset into `oldest`. Problems of one partition
+/// become notes; the others are still read.
 fn read_ends(
     consumer: &BaseConsumer,
     config: &Config,
     mut parts: Vec<&mut PartitionStatus>,
     oldest: &mut HashMap<(String, i32), i64>,
     deadline: Instant,
+    notes: &mut Vec<String>,
 ) -> Result<(), String> {
-    // Where to start (the record the group reads next) and the reported end.
+    let Some(topic) = parts.first().map(|p| p.topic.clone()) else {
+        return Ok(());
+    };
+    // Where the group reads next (clamped into the log), and the reported end.
     let mut next: HashMap<i32, i64> = HashMap::new();
     let mut first: HashMap<i32, i64> = HashMap::new();
     let mut reported: HashMap<i32, i64> = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in parts.iter() {
-        let (low, high) = consumer
-            .fetch_watermarks(&p.topic, p.partition, left(deadline))
-            .map_err(|e| format!("cannot read the offsets of partition {}: {e}", p.partition))?;
+        let (low, high) = match consumer.fetch_watermarks(&p.topic, p.partition, left(deadline)) {
+            Ok(w) => w,
+            Err(e) => {
+                notes.push(format!(
+                    "{topic}[{}]: cannot read its offsets: {e}",
+                    p.partition
+                ));
+                continue;
+            }
+        };
         let at = match (p.committed, config.kafka.auto_offset_reset) {
-            (Some(c), _) => c.max(low),
+            (Some(c), _) if c < low => {
+                notes.push(format!(
+                    "{topic}[{}]: the committed offset {c} is below the log start {low}: \
+                     retention deleted records the group never read",
+                    p.partition
+                ));
+                low
+            }
+            // Not capped at the reported end: some brokers report less than
+            // the real one. Beyond the real end (a recreated topic), the
+            // fetch fails and the partition is reported unknown with the error.
+            (Some(c), _) => c,
             (None, OffsetReset::Earliest) => low,
             (None, OffsetReset::Latest) => high,
         };
@@ -234,8 +282,8 @@ fn read_ends(
     consumer.assign(&tpl).map_err(|e| e.to_string())?;
     let mut ends: HashMap<i32, i64> = HashMap::new();
     let mut seen: HashSet<i32> = HashSet::new();
-    let topic = parts.first().map(|p| p.topic.clone()).unwrap_or_default();
-    while ends.len() < parts.len() && Instant::now() < deadline {
+    let mut errors = 0;
+    while ends.len() < next.len() && Instant::now() < deadline && errors < 10 {
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(m)) => {
@@ -266,30 +314,35 @@ fn read_ends(
                     ends.insert(p, at);
                 }
             }
-            Some(Err(e)) => return Err(format!("reading to the end: {e}")),
+            Some(Err(e)) => {
+                errors += 1;
+                notes.push(format!("{topic}: while reading to the end: {e}"));
+            }
         }
     }
     let _ = consumer.unassign();
+    let unread = next.len() - ends.len();
+    if unread > 0 && Instant::now() >= deadline {
+        notes.push(format!(
+            "{topic}: the end of {unread} partition(s) was not reached within --timeout"
+        ));
+    }
     for p in parts.iter_mut() {
         p.end = ends.get(&p.partition).copied();
-        // Never committed: the group would start where the reset points
-        // (the log start for earliest, which is where the read began).
-        let from = p.committed.or_else(|| first.get(&p.partition).copied());
+        // Never committed: the group would start where the reset points. Below
+        // the log start: the deleted records will never be read.
+        let from = first.get(&p.partition).copied();
         p.lag = p.end.zip(from).map(|(e, c)| (e - c).max(0));
     }
     Ok(())
 }
 
 /// Sets each partition's state. Partitions whose oldest record waits longer
-/// than `stall_timeout` are watched for a few commit intervals: a commit that
-/// moves means a backlog being worked off, not a stall.
-fn judge(
-    consumer: &BaseConsumer,
-    config: &Config,
-    parts: &mut [PartitionStatus],
-    deadline: Instant,
-) {
-    let stall = config.stall_timeout.as_millis() as i64;
+/// than `stall_timeout` are watched: a commit that moves means a backlog
+/// being worked off, not a stall. The watch lasts two commit intervals or two
+/// batch waits, whichever is longer, plus 5 s for an insert, at most 30 s.
+fn judge(consumer: &BaseConsumer, config: &Config, parts: &mut [PartitionStatus]) {
+    let stall = i64::try_from(config.stall_timeout.as_millis()).unwrap_or(i64::MAX);
     let mut suspects = TopicPartitionList::new();
     for p in parts.iter_mut() {
         p.state = match (p.lag, p.oldest_waiting_ms) {
@@ -307,12 +360,17 @@ fn judge(
     if suspects.count() == 0 {
         return;
     }
-    let watch = (config.commit.interval * 2 + Duration::from_secs(1)).min(Duration::from_secs(15));
+    let watch = config
+        .commit
+        .interval
+        .max(config.batch.max_wait)
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(5))
+        .min(Duration::from_secs(30));
     let until = Instant::now() + watch;
     while Instant::now() < until {
         std::thread::sleep(Duration::from_millis(500).min(until - Instant::now()));
-        let Ok(now) = consumer.committed_offsets(suspects.clone(), left(deadline.max(until)))
-        else {
+        let Ok(now) = consumer.committed_offsets(suspects.clone(), Duration::from_secs(5)) else {
             continue;
         };
         for e in now.elements() {
@@ -323,7 +381,8 @@ fn judge(
                 .iter_mut()
                 .find(|p| p.topic == e.topic() && p.partition == e.partition())
             {
-                if p.committed.is_some_and(|c| o > c) {
+                // A first commit, or one beyond the last seen, is progress.
+                if p.committed.is_none_or(|c| o > c) {
                     p.state = State::Behind;
                 }
             }
@@ -339,13 +398,14 @@ fn left(deadline: Instant) -> Duration {
 
 /// Last insert per target table, from ClickHouse's query log (inserts carry
 /// the group in `log_comment`). Servers without a query log answer nothing.
-async fn last_inserts(config: &Config) -> (Vec<TableStatus>, Option<String>) {
+async fn last_inserts(config: &Config, timeout: Duration) -> (Vec<TableStatus>, Option<String>) {
     let mut tables: Vec<String> = (0..config.routes.len())
         .map(|i| {
             let (db, t) = config.route_table(i);
             format!("{db}.{t}")
         })
         .collect();
+    tables.sort();
     tables.dedup();
     let unknown = |tables: &[String]| {
         tables
@@ -367,7 +427,7 @@ async fn last_inserts(config: &Config) -> (Vec<TableStatus>, Option<String>) {
         .bind(crate::sink::log_comment(&config.kafka.group_id))
         .bind(&tables);
     let rows = tokio::time::timeout(
-        config.clickhouse.insert_timeout,
+        timeout.min(config.clickhouse.insert_timeout),
         query.fetch_all::<(String, i64)>(),
     )
     .await;

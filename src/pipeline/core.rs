@@ -952,8 +952,10 @@ impl Core {
         }
     }
 
-    /// New batch limits apply to open batches at their next check; a route's
-    /// failure window starts afresh under its new policy.
+    /// New batch limits apply to open batches at their next check. A route
+    /// whose failure window or ratio changed starts its window afresh; the
+    /// others keep counting (a reload that only touched batching must not
+    /// forget a route's recent failures).
     fn reload(&mut self, r: Reload) {
         self.limits.max_rows = r.max_rows;
         self.limits.max_bytes = r.max_bytes;
@@ -961,7 +963,9 @@ impl Core {
         for (route, (on_error, dlq, window, ratio)) in self.routes.iter_mut().zip(r.routes) {
             route.on_error = on_error;
             route.dead_letter_topic = dlq;
-            route.rate = FailureRate::new(window, ratio);
+            if route.rate.window != window || route.rate.max_ratio != ratio {
+                route.rate = FailureRate::new(window, ratio);
+            }
         }
         tracing::info!(
             max_rows = r.max_rows,

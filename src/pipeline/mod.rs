@@ -180,11 +180,7 @@ pub async fn run(
     health.set_clickhouse_ok(true);
 
     let (events_tx, events_rx) = std_mpsc::channel();
-    let dead_letters = if config
-        .routes
-        .iter()
-        .any(|r| r.on_error == OnError::DeadLetter)
-    {
+    let dead_letters = if config.uses_dead_letters() {
         let dl = DeadLetters::new(&config.kafka, events_tx.clone()).map_err(|e| {
             PipelineError::Config(format!(
                 "cannot create the dead-letter producer: {}",

@@ -193,6 +193,14 @@ impl RowPolicies {
     }
 }
 
+/// Isolating bad rows is worth it unless every row's route says stop.
+fn may_isolate(policies: &RowPolicies, batch: &ReadyBatch) -> bool {
+    batch
+        .rows
+        .iter()
+        .any(|r| !matches!(policies.of(r.key.topic), Some(RowPolicy::Stop) | None))
+}
+
 /// Everything a table's sink task needs.
 pub struct TableSink<W> {
     pub writer: Arc<W>,
@@ -280,10 +288,16 @@ impl<W: Writer> TableSink<W> {
                 self.count_inserted(batch, n);
                 Ok(Some(0))
             }
-            Err(e) if e.class == ErrorClass::Data && self.may_isolate(batch) => {
-                let rejected = self.isolate(batch, token.as_deref(), e).await?;
+            Err(e) if e.class == ErrorClass::Data => {
+                // One copy for the whole batch: a reload (SIGHUP) must not
+                // change the rules between isolating rows and handling them.
+                let policies = self.policies.borrow().clone();
+                if !may_isolate(&policies, batch) {
+                    return Err(e);
+                }
+                let rejected = self.isolate(batch, &policies, token.as_deref(), e).await?;
                 self.count_inserted(batch, n - rejected.len());
-                self.handle_rejected(batch, &rejected).await?;
+                self.handle_rejected(batch, &policies, &rejected).await?;
                 Ok(Some(rejected.len()))
             }
             Err(e) => Err(e),
@@ -338,15 +352,6 @@ impl<W: Writer> TableSink<W> {
         }
     }
 
-    /// Isolating bad rows is worth it unless every row's route says stop.
-    fn may_isolate(&self, batch: &ReadyBatch) -> bool {
-        let policies = self.policies.borrow();
-        batch
-            .rows
-            .iter()
-            .any(|r| !matches!(policies.of(r.key.topic), Some(RowPolicy::Stop) | None))
-    }
-
     /// Splits a refused batch until the rows ClickHouse refuses on their own
     /// are found; every other row is inserted. ClickHouse's "at row N" points
     /// at a culprit directly; otherwise the range is halved. With exactly-once
@@ -355,12 +360,11 @@ impl<W: Writer> TableSink<W> {
     async fn isolate(
         &self,
         batch: &ReadyBatch,
+        policies: &RowPolicies,
         token: Option<&str>,
         first: InsertError,
     ) -> Result<Vec<Rejected>, InsertError> {
         let n = batch.rows.len();
-        // A copy: a reload must not change the rules halfway through a batch.
-        let policies = self.policies.borrow().clone();
         let limit = ((n as f64 * policies.max_rejected_ratio).ceil() as usize).max(10);
         let mut rejected = Vec::new();
         let mut work: Vec<(usize, usize, Option<InsertError>)> = vec![(0, n, Some(first))];
@@ -450,10 +454,10 @@ impl<W: Writer> TableSink<W> {
     async fn handle_rejected(
         &self,
         batch: &ReadyBatch,
+        policies: &RowPolicies,
         rejected: &[Rejected],
     ) -> Result<(), InsertError> {
         // What each refused row's route does with it.
-        let policies = self.policies.borrow().clone();
         let mut letters: Vec<(String, String, i32, i64, String)> = Vec::new();
         for r in rejected {
             let row = batch.rows[r.row];
@@ -552,6 +556,9 @@ impl<W: Writer> TableSink<W> {
     }
 
     fn count_inserted(&self, batch: &ReadyBatch, rows: usize) {
+        if rows == 0 {
+            return; // every row was refused: nothing was inserted
+        }
         let table = self.table_name.as_str();
         let m = &self.metrics;
         m.rows_inserted

@@ -59,19 +59,24 @@ fn sighup_reloads_batching_and_error_policy_and_refuses_the_rest() {
         .routes
         .replace("on_error = \"skip\"", "on_error = \"stop\"");
     // [batch] max_rows appears twice otherwise: the test config sets 5000.
-    let toml = cfg.toml().replace("max_rows = 5000\n", "");
+    let toml = cfg.toml().replace("max_rows = 5000\n", "").replace(
+        "level = \"info,librdkafka=warn\"",
+        "level = \"debug,librdkafka=warn\"",
+    );
+    assert!(!bridge.log_text().contains(" DEBUG "));
     std::fs::write(dir.join("chbridge.toml"), &toml).expect("write config");
     bridge.signal(libc::SIGHUP);
+    // The consumer thread applies it at its next turn, and says so.
     assert!(
         wait_until(Duration::from_secs(10), || bridge
             .log_text()
-            .contains("configuration reloaded")),
+            .contains("batching and route error policies reloaded")),
         "{}",
         bridge.log_text()
     );
     let log = bridge.log_text();
     assert!(
-        log.contains("batch.max_rows, routes[0].on_error"),
+        log.contains("batch.max_rows, log.level, routes[0].on_error"),
         "the reload names what changed:\n{log}"
     );
     produce_simple(&prod, &topic, 1, 2000, 1000);
@@ -82,6 +87,10 @@ fn sighup_reloads_batching_and_error_policy_and_refuses_the_rest() {
         bridge.log_text()
     );
     let batches = bridge.metric("chbridge_batches_inserted_total", "") - batches_before;
+    assert!(
+        bridge.log_text().contains(" DEBUG "),
+        "log.level reloaded to debug"
+    );
     assert!(
         batches >= 10.0,
         "1000 rows in batches of at most 100 took {batches} inserts"
