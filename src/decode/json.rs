@@ -22,7 +22,7 @@ pub struct JsonDecoder {
     names: Vec<String>,
     /// Field name -> position among the inserted columns. Columns that the
     /// record cannot fill (DEFAULT-only) are absent: they always take their default.
-    index: HashMap<String, usize>,
+    fields: Fields,
     unknown: UnknownFields,
     scratch: Vec<u8>,
     slots: Vec<Slot>,
@@ -40,10 +40,10 @@ impl JsonDecoder {
     pub fn new(table: &TableSchema, unknown: UnknownFields) -> JsonDecoder {
         let mut types = Vec::new();
         let mut names = Vec::new();
-        let mut index = HashMap::new();
+        let mut fields = Vec::new();
         for (i, c) in table.insert_columns().enumerate() {
             if c.fill() == Fill::Field {
-                index.insert(c.name.clone(), i);
+                fields.push((c.name.clone(), i));
             }
             types.push(c.ty.clone());
             names.push(c.name.clone());
@@ -52,7 +52,7 @@ impl JsonDecoder {
             slots: vec![Slot::Missing; types.len()],
             types,
             names,
-            index,
+            fields: Fields::new(fields),
             unknown,
             scratch: Vec::with_capacity(1024),
         }
@@ -73,12 +73,19 @@ impl Decoder for JsonDecoder {
         };
         self.scratch.clear();
         self.slots.fill(Slot::Missing);
+        // Validated once here, so that the parser need not check each string.
+        let value = std::str::from_utf8(value).map_err(|e| RecordError {
+            kind: RecordErrorKind::Malformed,
+            column: None,
+            message: format!("the message is not UTF-8 text: {e}"),
+        })?;
         let mut current = None;
-        let mut de = serde_json::Deserializer::from_slice(value);
+        let mut de = serde_json::Deserializer::from_str(value);
+        self.fields.next = 0;
         let parsed = de
             .deserialize_map(RowVisitor {
                 types: &self.types,
-                index: &self.index,
+                fields: &mut self.fields,
                 unknown: self.unknown,
                 scratch: &mut self.scratch,
                 slots: &mut self.slots,
@@ -117,9 +124,49 @@ impl Decoder for JsonDecoder {
 
 const UNKNOWN: &str = "unknown field";
 
+/// Field names and their columns. Producers usually write the fields of
+/// every record in the same order, so the field after the last one found is
+/// tried first; only a miss pays for the hash lookup.
+struct Fields {
+    /// (name, column position), in the order fields were last seen.
+    order: Vec<(String, usize)>,
+    index: HashMap<String, usize>,
+    /// Where in `order` the next field is expected.
+    next: usize,
+}
+
+impl Fields {
+    fn new(order: Vec<(String, usize)>) -> Fields {
+        let index = order.iter().map(|(n, i)| (n.clone(), *i)).collect();
+        Fields {
+            order,
+            index,
+            next: 0,
+        }
+    }
+
+    fn find(&mut self, key: &str) -> Option<usize> {
+        if let Some((name, i)) = self.order.get(self.next) {
+            if name == key {
+                self.next += 1;
+                return Some(*i);
+            }
+        }
+        let i = *self.index.get(key)?;
+        // Learn the producer's order: move the field to where it was expected.
+        if let Some(at) = self.order.iter().position(|(_, c)| *c == i) {
+            let target = self.next.min(self.order.len() - 1);
+            let entry = self.order.remove(at);
+            self.order.insert(target, entry);
+            self.next = target + 1;
+        }
+        Some(i)
+    }
+}
+
 struct RowVisitor<'a> {
     types: &'a [ColumnType],
-    index: &'a HashMap<String, usize>,
+    fields: &'a mut Fields,
     unknown: UnknownFields,
     scratch: &'a mut Vec<u8>,
     slots: &'a mut [Slot],
@@ -135,8 +182,8 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(Key(key)) = map.next_key()? {
-            match self.index.get(key.as_ref()) {
-                Some(&i) => {
+            match self.fields.find(key.as_ref()) {
+                Some(i) => {
                     *self.current = Some(i);
                     let start = self.scratch.len();
                     let filled = map.next_value_seed(ValueSeed {
@@ -216,7 +263,7 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Filled, D::Error> {
         let (base, nullable) = base_type(self.ty);
-        if *base == ColumnType::String {
+        if matches!(base, ColumnType::String) {
             // Strings keep the exact text of non-string JSON values (numbers are
             // not re-formatted, objects stay as sent), as ClickHouse's JSON input does.
             let raw = <&RawValue as de::Deserialize>::deserialize(d)?;
@@ -274,6 +321,44 @@ struct TypedVisitor<'a> {
 }
 
 impl TypedVisitor<'_> {
+    /// A named tuple from an object, as ClickHouse's JSON input reads it:
+    /// elements by name in any order, a missing one takes its type's default
+    /// (zero) value, unknown keys are ignored.
+    fn named_tuple<'de, A: MapAccess<'de>>(
+        mut self,
+        els: &[(Option<String>, ColumnType)],
+        mut map: A,
+    ) -> Result<Filled, A::Error> {
+        if els.iter().any(|(name, _)| name.is_none()) {
+            return self.wrong("an object (the tuple's elements have no names)");
+        }
+        let mut values: Vec<Option<Vec<u8>>> = vec![None; els.len()];
+        while let Some(Key(key)) = map.next_key()? {
+            match els.iter().position(|(n, _)| n.as_deref() == Some(&*key)) {
+                Some(i) => {
+                    let mut buf = Vec::new();
+                    map.next_value_seed(ValueSeed {
+                        ty: &els[i].1,
+                        out: &mut buf,
+                        nested: true,
+                    })?;
+                    values[i] = Some(buf);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        self.begin();
+        for (value, (_, ty)) in values.into_iter().zip(els) {
+            match value {
+                Some(v) => self.out.extend_from_slice(&v),
+                None => encode::write_zero(ty, self.out),
+            }
+        }
+        Ok(Filled::Value)
+    }
+
     fn begin(&mut self) {
         if self.nullable {
             self.out.push(0);
@@ -322,7 +407,7 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Filled, E> {
         match self.ty {
-            t if t.is_integer() || *t == ColumnType::Bool => self.int(i128::from(v)),
+            t if t.is_integer() || matches!(t, ColumnType::Bool) => self.int(i128::from(v)),
             _ => self.wrong(&format!("the boolean {v}")),
         }
     }
@@ -341,7 +426,7 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
             ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
                 encode::write_datetime_secs(self.ty, v, self.out)
             }
-            t if t.is_numeric() && *t != ColumnType::Bool => {
+            t if t.is_numeric() && !matches!(t, ColumnType::Bool) => {
                 encode::write_float(self.ty, v, self.out)
             }
             _ => return self.wrong(&format!("the number {v}")),
@@ -370,6 +455,32 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Filled, A::Error> {
+        if let ColumnType::Tuple(els) = self.ty {
+            // A tuple from an array: its elements in order, all of them.
+            self.begin();
+            for (i, (_, ty)) in els.iter().enumerate() {
+                let seed = ValueSeed {
+                    ty,
+                    out: self.out,
+                    nested: true,
+                };
+                if seq.next_element_seed(seed)?.is_none() {
+                    return Err(de::Error::custom(format!(
+                        "expected {} elements for {}, got {i}",
+                        els.len(),
+                        self.ty
+                    )));
+                }
+            }
+            if seq.next_element::<IgnoredAny>()?.is_some() {
+                return Err(de::Error::custom(format!(
+                    "expected {} elements for {}, got more",
+                    els.len(),
+                    self.ty
+                )));
+            }
+            return Ok(Filled::Value);
+        }
         let ColumnType::Array(elem) = self.ty else {
             return self.wrong("an array");
         };
@@ -391,6 +502,9 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Filled, A::Error> {
+        if let ColumnType::Tuple(els) = self.ty {
+            return self.named_tuple(els, map);
+        }
         let ColumnType::Map(key_ty, value_ty) = self.ty else {
             return self.wrong("an object");
         };
@@ -422,7 +536,7 @@ mod tests {
     use super::*;
 
     fn table(cols: &[(&str, &str)]) -> TableSchema {
-        TableSchema::for_tests("t", cols)
+        TableSchema::from_columns("db", "t", cols)
     }
 
     fn decode(cols: &[(&str, &str)], json: &str) -> Result<Vec<u8>, RecordError> {
@@ -467,6 +581,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, [0, 3, 0, 1, 1, 0, 0xff, 0, 1, 1, b'k', 2]);
+    }
+
+    #[test]
+    fn tuples_from_arrays_and_named_tuples_from_objects() {
+        let cols = [
+            ("t", "Tuple(UInt8, Nullable(String))"),
+            ("n", "Tuple(a UInt16, b Array(String))"),
+        ];
+        // The named one: elements by name in any order; a missing one is zero,
+        // an unknown key ignored.
+        let out = decode(&cols, r#"{"t":[1,null],"n":{"b":["q"],"zz":1}}"#).unwrap();
+        assert_eq!(out, [0, 1, 1, 0, 0, 0, 1, 1, b'q']);
+        let out = decode(&cols, r#"{"t":[2,"x"],"n":{"a":258,"b":[]}}"#).unwrap();
+        assert_eq!(out, [0, 2, 0, 1, b'x', 0, 2, 1, 0]);
+        // An unnamed tuple needs all its elements, no more.
+        for bad in [r#"{"t":[1]}"#, r#"{"t":[1,"x",3]}"#, r#"{"t":{"a":1}}"#] {
+            let e = decode(&cols, bad).unwrap_err();
+            assert_eq!(e.column.as_deref(), Some("t"), "{bad}: {e:?}");
+        }
     }
 
     #[test]

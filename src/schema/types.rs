@@ -40,6 +40,9 @@ pub enum ColumnType {
     LowCardinality(Box<ColumnType>),
     Array(Box<ColumnType>),
     Map(Box<ColumnType>, Box<ColumnType>),
+    /// `Tuple(T1, T2)` or `Tuple(a T1, b T2)`: elements in order, with their
+    /// names when the tuple is named.
+    Tuple(Vec<(Option<String>, ColumnType)>),
     /// A type the encoders do not produce yet; the text is ClickHouse's.
     Unsupported(String),
 }
@@ -65,6 +68,7 @@ impl ColumnType {
                 t.is_supported()
             }
             ColumnType::Map(k, v) => k.is_supported() && v.is_supported(),
+            ColumnType::Tuple(els) => !els.is_empty() && els.iter().all(|(_, t)| t.is_supported()),
             _ => true,
         }
     }
@@ -137,6 +141,19 @@ impl fmt::Display for ColumnType {
             ColumnType::LowCardinality(t) => write!(f, "LowCardinality({t})"),
             ColumnType::Array(t) => write!(f, "Array({t})"),
             ColumnType::Map(k, v) => write!(f, "Map({k}, {v})"),
+            ColumnType::Tuple(els) => {
+                f.write_str("Tuple(")?;
+                for (i, (name, t)) in els.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    match name {
+                        Some(n) => write!(f, "{n} {t}")?,
+                        None => write!(f, "{t}")?,
+                    }
+                }
+                f.write_str(")")
+            }
             ColumnType::Unsupported(s) => f.write_str(s),
         }
     }
@@ -151,6 +168,8 @@ struct Parser<'a> {
 
 enum Arg {
     Type(ColumnType),
+    /// A named tuple element: `name Type`.
+    Named(String, ColumnType),
     Number(u64),
     Str(String),
 }
@@ -223,12 +242,12 @@ impl Parser<'_> {
             _ => {
                 let save = self.pos;
                 let ty = self.parse_type()?;
-                // Named tuple elements look like `name Type`; keep the type.
+                // Named tuple elements look like `name Type`.
                 self.skip_ws();
                 if matches!(self.s.get(self.pos), Some(c) if c.is_ascii_alphabetic()) {
                     self.pos = save;
-                    self.ident()?;
-                    return self.parse_type().map(Arg::Type);
+                    let name = self.ident()?.to_string();
+                    return self.parse_type().map(|t| Arg::Named(name, t));
                 }
                 Some(Arg::Type(ty))
             }
@@ -325,6 +344,23 @@ impl Parser<'_> {
                     _ => ColumnType::Unsupported(text.clone()),
                 }
             }
+            ("Tuple", Some(a)) => {
+                let els: Vec<(Option<String>, ColumnType)> = a
+                    .into_iter()
+                    .filter_map(|arg| match arg {
+                        Arg::Type(t) => Some((None, t)),
+                        Arg::Named(n, t) => Some((Some(n), t)),
+                        _ => None,
+                    })
+                    .collect();
+                let all_named = els.iter().all(|(n, _)| n.is_some());
+                let none_named = els.iter().all(|(n, _)| n.is_none());
+                if els.is_empty() || !(all_named || none_named) {
+                    ColumnType::Unsupported(text.clone())
+                } else {
+                    ColumnType::Tuple(els)
+                }
+            }
             _ => ColumnType::Unsupported(text.clone()),
         };
         Some(ty)
@@ -348,6 +384,25 @@ mod tests {
             ColumnType::parse("Array(Array(Int32))"),
             ColumnType::Array(Box::new(ColumnType::Array(Box::new(ColumnType::Int32))))
         );
+        assert_eq!(
+            ColumnType::parse("Tuple(a UInt8, b Array(String))"),
+            ColumnType::Tuple(vec![
+                (Some("a".into()), ColumnType::UInt8),
+                (
+                    Some("b".into()),
+                    ColumnType::Array(Box::new(ColumnType::String))
+                )
+            ])
+        );
+        assert_eq!(
+            ColumnType::parse("Tuple(UInt8, String)").to_string(),
+            "Tuple(UInt8, String)"
+        );
+        assert_eq!(
+            ColumnType::parse("Tuple(a UInt8, b Map(String, UInt64))").to_string(),
+            "Tuple(a UInt8, b Map(String, UInt64))"
+        );
+        assert!(!ColumnType::parse("Tuple(a UInt8, String)").is_supported());
         assert_eq!(
             ColumnType::parse("Map(String, UInt64)"),
             ColumnType::Map(Box::new(ColumnType::String), Box::new(ColumnType::UInt64))

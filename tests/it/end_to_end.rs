@@ -23,6 +23,8 @@ const RICH_COLUMNS: &str = "(
     d Date,
     small Int8,
     note String DEFAULT 'none',
+    pair Tuple(UInt8, String),
+    point Tuple(x Int32, tags Array(String), m Map(String, UInt16)),
     day Date MATERIALIZED toDate(ts)
 ) ENGINE = MergeTree ORDER BY id";
 
@@ -50,7 +52,7 @@ pub fn rich_record(id: u64) -> String {
         String::new()
     };
     format!(
-        r#"{{"id":{id},"name":"név {id}\ttab","score":{score},"flag":{flag},"ts":{ts},"ts64":"{ts64}","uid":"{id:08x}-0000-4000-8000-{uid:012x}","tags":{tags},"opt":{opt},"lc":"{lc}","d":"2024-01-{day:02}","small":{small},"extra":{{"ignored":[1,2]}}{note}}}"#,
+        r#"{{"id":{id},"pair":[{pair},"p{id}"],"point":{point},"name":"név {id}\ttab","score":{score},"flag":{flag},"ts":{ts},"ts64":"{ts64}","uid":"{id:08x}-0000-4000-8000-{uid:012x}","tags":{tags},"opt":{opt},"lc":"{lc}","d":"2024-01-{day:02}","small":{small},"extra":{{"ignored":[1,2]}}{note}}}"#,
         score = id as f64 * 0.25,
         flag = id % 2 == 0,
         ts = 1_700_000_000 + id,
@@ -58,6 +60,13 @@ pub fn rich_record(id: u64) -> String {
         lc = ["x", "y", "z"][(id % 3) as usize],
         day = id % 28 + 1,
         small = (id % 256) as i64 - 128,
+        pair = id % 200,
+        // Named elements in any order; `m` missing on every third record.
+        point = if id % 3 == 0 {
+            format!(r#"{{"tags":["t{id}"],"x":-{id}}}"#)
+        } else {
+            format!(r#"{{"x":{id},"m":{{"k":{m}}},"tags":[]}}"#, m = id % 1000)
+        },
     )
 }
 
@@ -165,7 +174,8 @@ table = "t_all"
             "SELECT * FROM {db}.t_all WHERE id = 10 FORMAT TSV"
         )),
         "10\tnév 10\\ttab\t2.5\ttrue\t2023-11-14 22:13:30\t2023-11-14 22:13:20.070\t\
-         0000000a-0000-4000-8000-000000000136\t['a']\t-490\ty\t2024-01-11\t-118\tn10\n"
+         0000000a-0000-4000-8000-000000000136\t['a']\t-490\ty\t2024-01-11\t-118\tn10\t\
+         (10,'p10')\t(10,[],{'k':10})\n"
     );
     assert_eq!(
         ch(&format!(
