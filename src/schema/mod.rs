@@ -128,12 +128,12 @@ impl TableSchema {
     }
 }
 
-#[cfg(test)]
 impl TableSchema {
-    /// `db.<table>` with plain columns given as (name, ClickHouse type).
-    pub fn for_tests(table: &str, cols: &[(&str, &str)]) -> TableSchema {
+    /// A table of plain columns (no DEFAULT expressions) given as (name,
+    /// ClickHouse type), without asking a server: for tests and benchmarks.
+    pub fn from_columns(database: &str, table: &str, cols: &[(&str, &str)]) -> TableSchema {
         TableSchema {
-            database: "db".into(),
+            database: database.into(),
             table: table.into(),
             columns: cols
                 .iter()
