@@ -1544,8 +1544,8 @@ mod tests {
 
     /// One topic "t" fanned out to a lenient table "a" (skip) and a strict table "b".
     fn harness(b_policy: OnError, max_rows: usize) -> Harness {
-        let a = TableSchema::for_tests("a", &[("id", "UInt64")]);
-        let b = TableSchema::for_tests("b", &[("id", "UInt8")]);
+        let a = TableSchema::from_columns("db", "a", &[("id", "UInt64")]);
+        let b = TableSchema::from_columns("db", "b", &[("id", "UInt8")]);
         let (events, events_rx) = std_mpsc::channel();
         let metrics = Arc::new(Metrics::new());
         let mut tables = Vec::new();
