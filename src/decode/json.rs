@@ -7,7 +7,6 @@
 //! nothing behind.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -130,7 +129,9 @@ const UNKNOWN: &str = "unknown field";
 struct Fields {
     /// (name, column position), in the order fields were last seen.
     order: Vec<(String, usize)>,
-    index: HashMap<String, usize>,
+    /// A fast hash: its keys are the table's column names, and a crafted
+    /// field name can at worst collide with those few.
+    index: foldhash::HashMap<String, usize>,
     /// Where in `order` the next field is expected.
     next: usize,
 }

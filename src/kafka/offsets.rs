@@ -8,7 +8,12 @@
 //! the position: only [`OffsetTracker::release`] (an acknowledgement) and
 //! [`OffsetTracker::consumed`] (a record read and placed or skipped).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+/// Keyed per record on the hot path: a fast hash (keys come from the
+/// configuration and the broker's partition numbers, not from record data).
+pub type FastMap<K, V> = foldhash::HashMap<K, V>;
+pub type FastSet<T> = foldhash::HashSet<T>;
 use std::sync::Mutex;
 
 /// A partition as the pipeline knows it: the index of its topic in the
@@ -36,10 +41,10 @@ pub struct Segment {
 /// with the sink tasks: an exactly-once batch of a partition that was revoked
 /// meanwhile must not be inserted, because the new owner replays its range.
 #[derive(Debug, Default)]
-pub struct Ownership(Mutex<HashMap<PartitionKey, u64>>);
+pub struct Ownership(Mutex<FastMap<PartitionKey, u64>>);
 
 impl Ownership {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, u64>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, FastMap<PartitionKey, u64>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -76,7 +81,7 @@ impl PartitionState {
 
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    parts: HashMap<PartitionKey, PartitionState>,
+    parts: FastMap<PartitionKey, PartitionState>,
     next_generation: u64,
 }
 

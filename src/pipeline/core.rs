@@ -7,7 +7,7 @@
 //! segments; only an acknowledgement, or a record skipped by policy, releases
 //! them (see `kafka::offsets` for the rule itself).
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use crate::decode::Decoder;
 use crate::exactly_once::{BatchRange, StateStore};
 use crate::kafka::context::Consumer;
 use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
-use crate::kafka::offsets::{OffsetTracker, Ownership, PartitionKey, Segment};
+use crate::kafka::offsets::{FastMap, FastSet, OffsetTracker, Ownership, PartitionKey, Segment};
 use crate::kafka::Record;
 use crate::observability::Metrics;
 use crate::sink::{InsertError, ReadyBatch, RowOrigin, SinkEvent};
@@ -260,7 +260,7 @@ pub struct TableState {
     capacity_hint: usize,
     /// Encoded bytes of this table's open, waiting and in-flight batches.
     buffered: usize,
-    recovery: HashMap<PartitionKey, Recovery>,
+    recovery: FastMap<PartitionKey, Recovery>,
 }
 
 impl TableState {
@@ -272,7 +272,7 @@ impl TableState {
             waiting: VecDeque::new(),
             capacity_hint: 64 * 1024,
             buffered: 0,
-            recovery: HashMap::new(),
+            recovery: FastMap::default(),
         }
     }
 
@@ -362,7 +362,7 @@ pub struct ExactlyOnce {
 pub struct Core {
     limits: Limits,
     topics: Vec<TopicState>,
-    topic_index: HashMap<String, u32>,
+    topic_index: FastMap<String, u32>,
     routes: Vec<RouteState>,
     tables: Vec<TableState>,
     tracker: OffsetTracker,
@@ -387,7 +387,7 @@ pub struct Core {
     dead_letters: Option<Arc<DeadLetters>>,
     exactly_once: Option<ExactlyOnce>,
     /// Exactly-once: partitions whose recorded ranges were read.
-    recovered: HashSet<PartitionKey>,
+    recovered: FastSet<PartitionKey>,
     /// Topics of routes stopped for failing too often (`stop_topic`).
     stopped_topics: BTreeSet<u32>,
     watchdog: Watchdog,
@@ -401,8 +401,8 @@ pub struct Core {
 struct Watchdog {
     last_run: Option<Instant>,
     /// Per partition: the position last seen and since when it has not moved.
-    progress: HashMap<PartitionKey, (i64, Instant)>,
-    stalled: HashSet<PartitionKey>,
+    progress: FastMap<PartitionKey, (i64, Instant)>,
+    stalled: FastSet<PartitionKey>,
 }
 
 /// A table's batch state before a record was appended to it.
@@ -466,7 +466,7 @@ impl Core {
             undo: Vec::new(),
             dead_letters: shared.dead_letters,
             exactly_once: shared.exactly_once,
-            recovered: HashSet::new(),
+            recovered: FastSet::default(),
             stopped_topics: BTreeSet::new(),
             watchdog: Watchdog::default(),
             reloads: shared.reloads,

@@ -265,6 +265,14 @@ fn fast_datetime(b: &[u8]) -> Option<(i128, bool)> {
     Some((i128::from(secs) * 1_000_000_000 + frac, has_offset))
 }
 
+fn datetime64_out_of_range(ty: &ColumnType, secs: i128) -> ConvertResult {
+    err(format!(
+        "{secs} seconds since 1970 is out of range for {ty} (1900-01-01 to 2299-12-31); \
+         numbers are epoch seconds: milliseconds must be sent as a fraction \
+         (1700000000.123) or an RFC 3339 string"
+    ))
+}
+
 fn scale(precision: u32) -> i128 {
     10i128.pow(precision)
 }
@@ -285,14 +293,20 @@ fn write_nanos(ty: &ColumnType, nanos: i128, out: &mut Vec<u8>) -> ConvertResult
                 }
             }
         }
+        // The usual case, in i64: i128 division is a library call.
+        ColumnType::DateTime64 { precision, .. } if i64::try_from(nanos).is_ok() => {
+            let n = nanos as i64;
+            let secs = n.div_euclid(1_000_000_000);
+            if !(DATETIME64_MIN_SECS as i64..=DATETIME64_MAX_SECS as i64).contains(&secs) {
+                return datetime64_out_of_range(ty, i128::from(secs));
+            }
+            let ticks = n.div_euclid(10i64.pow(9 - precision));
+            out.extend_from_slice(&ticks.to_le_bytes());
+        }
         ColumnType::DateTime64 { precision, .. } => {
             let secs = nanos.div_euclid(1_000_000_000);
             if !(DATETIME64_MIN_SECS..=DATETIME64_MAX_SECS).contains(&secs) {
-                return err(format!(
-                    "{secs} seconds since 1970 is out of range for {ty} (1900-01-01 to \
-                     2299-12-31); numbers are epoch seconds: milliseconds must be sent as \
-                     a fraction (1700000000.123) or an RFC 3339 string"
-                ));
+                return datetime64_out_of_range(ty, secs);
             }
             let ticks = nanos.div_euclid(scale(9 - precision));
             match i64::try_from(ticks) {
