@@ -119,6 +119,7 @@ enum StateCommand {
 }
 
 fn main() -> ExitCode {
+    keep_large_buffers_out_of_the_heap();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -263,6 +264,21 @@ fn healthcheck(url: &str) -> ExitCode {
             eprintln!("chbridge healthcheck: {url}: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Batch bodies and librdkafka's fetch buffers are megabytes each. glibc
+/// raises its mmap threshold after such blocks are freed, and then serves
+/// them from the heap, which keeps their pages after `free`: with wide rows
+/// that cost about 60 MiB of resident memory (179 vs 121 MiB peak, measured
+/// with 400,000 records of 1.5 KB). A fixed threshold keeps every block above
+/// 1 MiB in its own mapping, returned to the system when freed.
+fn keep_large_buffers_out_of_the_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator parameter; called first in
+    // main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 
