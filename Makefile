@@ -6,7 +6,7 @@ export CH_HTTP_PORT ?= 8123
 export CH_TCP_PORT ?= 9000
 export KAFKA_PORT ?= 9092
 
-.PHONY: help demo demo-stop test unit it chaos chaos-short lint lint-deploy image fmt build release stack-up stack-down stack-status
+.PHONY: help demo demo-stop test unit it chaos chaos-short bench bench-micro lint lint-deploy image fmt build release stack-up stack-down stack-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,6 +38,17 @@ chaos: release ## fault injection against the real stack, both delivery modes
 chaos-short: build ## a few faults only, both delivery modes, a few minutes
 	scripts/stack.sh install
 	.venv/bin/python scripts/chaos.py --short --bin target/debug/chbridge
+
+# The benchmark starts its own private ClickHouse and broker on free ports,
+# like the chaos runs. About 15 minutes; figures in target/bench/results.json.
+bench: ## chbridge vs the Kafka engine vs a naive consumer vs the ceilings, then micro-benchmarks (docs/performance.md)
+	scripts/stack.sh install
+	cargo build --release --bins --examples
+	.venv/bin/python scripts/bench.py --bin-dir target/release
+	$(MAKE) bench-micro
+
+bench-micro: ## criterion micro-benchmarks of the hot path (records per second per core)
+	cargo bench --bench hot_path -- --warm-up-time 1 --measurement-time 5
 
 lint-deploy: ## Dockerfile, Compose, Kubernetes overlays, Prometheus rules, Grafana dashboard: offline checks
 	scripts/lint_deploy.sh

