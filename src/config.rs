@@ -658,19 +658,22 @@ impl Config {
         new: &Config,
         dead_letter_producer: bool,
     ) -> Result<Vec<String>, Vec<String>> {
-        let mut changed = Vec::new();
-        let mut note = |key: &str, differs: bool| {
-            if differs {
-                changed.push(key.to_string());
-            }
-        };
-        note("batch.max_rows", self.batch.max_rows != new.batch.max_rows);
-        note(
-            "batch.max_bytes",
-            self.batch.max_bytes != new.batch.max_bytes,
-        );
-        note("batch.max_wait", self.batch.max_wait != new.batch.max_wait);
-        note("log.level", self.log.level != new.log.level);
+        /// The keys whose values differ, in the order given.
+        fn differing<const N: usize>(keys: [(&str, bool); N]) -> Vec<String> {
+            keys.into_iter()
+                .filter(|&(_, differs)| differs)
+                .map(|(key, _)| key.to_string())
+                .collect()
+        }
+        let mut changed = differing([
+            ("batch.max_rows", self.batch.max_rows != new.batch.max_rows),
+            (
+                "batch.max_bytes",
+                self.batch.max_bytes != new.batch.max_bytes,
+            ),
+            ("batch.max_wait", self.batch.max_wait != new.batch.max_wait),
+            ("log.level", self.log.level != new.log.level),
+        ]);
         // The new configuration with the reloadable keys put back: whatever
         // still differs needs a restart.
         let mut rest = new.clone();
@@ -678,52 +681,48 @@ impl Config {
         rest.log.level = self.log.level.clone();
         if rest.routes.len() == self.routes.len() {
             for (i, (r, old)) in rest.routes.iter_mut().zip(&self.routes).enumerate() {
-                note(&format!("routes[{i}].on_error"), r.on_error != old.on_error);
-                note(
-                    &format!("routes[{i}].dead_letter_topic"),
-                    r.dead_letter_topic != old.dead_letter_topic,
-                );
-                note(
-                    &format!("routes[{i}].max_failed_ratio"),
-                    r.max_failed_ratio != old.max_failed_ratio,
-                );
-                note(
-                    &format!("routes[{i}].failed_window"),
-                    r.failed_window != old.failed_window,
-                );
+                let keys = differing([
+                    ("on_error", r.on_error != old.on_error),
+                    (
+                        "dead_letter_topic",
+                        r.dead_letter_topic != old.dead_letter_topic,
+                    ),
+                    (
+                        "max_failed_ratio",
+                        r.max_failed_ratio != old.max_failed_ratio,
+                    ),
+                    ("failed_window", r.failed_window != old.failed_window),
+                ]);
+                changed.extend(keys.into_iter().map(|k| format!("routes[{i}].{k}")));
                 r.on_error = old.on_error;
                 r.dead_letter_topic = old.dead_letter_topic.clone();
                 r.max_failed_ratio = old.max_failed_ratio;
                 r.failed_window = old.failed_window;
             }
         }
-        let mut refused = Vec::new();
-        let mut refuse = |key: &str, differs: bool| {
-            if differs {
-                refused.push(key.to_string());
-            }
-        };
-        refuse("kafka", rest.kafka != self.kafka);
-        refuse("clickhouse", rest.clickhouse != self.clickhouse);
-        refuse(
-            "routes (topics, tables, formats or their number)",
-            rest.routes != self.routes,
-        );
-        refuse("commit", rest.commit != self.commit);
-        refuse("retry", rest.retry != self.retry);
-        refuse("http", rest.http != self.http);
-        refuse("log.format", rest.log != self.log);
-        refuse(
-            "max_buffered_bytes",
-            rest.max_buffered_bytes != self.max_buffered_bytes,
-        );
-        refuse(
-            "shutdown_timeout",
-            rest.shutdown_timeout != self.shutdown_timeout,
-        );
-        refuse("stall_timeout", rest.stall_timeout != self.stall_timeout);
-        refuse("delivery", rest.delivery != self.delivery);
-        refuse("exactly_once", rest.exactly_once != self.exactly_once);
+        let mut refused = differing([
+            ("kafka", rest.kafka != self.kafka),
+            ("clickhouse", rest.clickhouse != self.clickhouse),
+            (
+                "routes (topics, tables, formats or their number)",
+                rest.routes != self.routes,
+            ),
+            ("commit", rest.commit != self.commit),
+            ("retry", rest.retry != self.retry),
+            ("http", rest.http != self.http),
+            ("log.format", rest.log != self.log),
+            (
+                "max_buffered_bytes",
+                rest.max_buffered_bytes != self.max_buffered_bytes,
+            ),
+            (
+                "shutdown_timeout",
+                rest.shutdown_timeout != self.shutdown_timeout,
+            ),
+            ("stall_timeout", rest.stall_timeout != self.stall_timeout),
+            ("delivery", rest.delivery != self.delivery),
+            ("exactly_once", rest.exactly_once != self.exactly_once),
+        ]);
         // A key added later and not named above is refused too.
         if refused.is_empty() && rest != *self {
             refused.push("other keys".to_string());

@@ -72,6 +72,18 @@ pub struct Status {
     pub notes: Vec<String>,
 }
 
+impl State {
+    /// As in `--json` (serde's lowercase names).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ok => "ok",
+            State::Behind => "behind",
+            State::Stalled => "stalled",
+            State::Unknown => "unknown",
+        }
+    }
+}
+
 impl Status {
     pub fn stalled(&self) -> usize {
         self.count(State::Stalled)
@@ -498,7 +510,7 @@ pub fn render(s: &Status, now_unix: i64) -> String {
                 p.oldest_waiting_ms
                     .map_or_else(dash, |ms| human(Duration::from_millis(ms as u64))),
                 p.owner.clone().unwrap_or_else(dash),
-                format!("{:?}", p.state).to_lowercase(),
+                p.state.as_str().to_string(),
             ]
         })
         .collect();

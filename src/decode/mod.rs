@@ -43,6 +43,13 @@ pub enum RecordErrorKind {
 }
 
 impl RecordErrorKind {
+    pub const ALL: [RecordErrorKind; 4] = [
+        RecordErrorKind::Empty,
+        RecordErrorKind::Malformed,
+        RecordErrorKind::Conversion,
+        RecordErrorKind::UnknownField,
+    ];
+
     /// Short stable name, used as a metric label.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -26,19 +26,16 @@ pub struct Record<'a> {
 impl<'a> Record<'a> {
     /// A record the consumer just returned.
     pub fn of(m: &'a BorrowedMessage<'_>) -> Record<'a> {
-        Record {
-            topic: m.topic(),
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key(),
-            value: m.payload(),
-            headers: m.headers(),
-        }
+        Record::with_headers(m, m.headers())
     }
 
     /// A record read again and kept (owned).
     pub fn of_owned(m: &'a OwnedMessage) -> Record<'a> {
+        Record::with_headers(m, m.headers().map(|h| h.as_borrowed()))
+    }
+
+    /// The two kinds of message differ only in how their headers are held.
+    fn with_headers<M: Message>(m: &'a M, headers: Option<&'a BorrowedHeaders>) -> Record<'a> {
         Record {
             topic: m.topic(),
             partition: m.partition(),
@@ -46,7 +43,7 @@ impl<'a> Record<'a> {
             timestamp_ms: m.timestamp().to_millis(),
             key: m.key(),
             value: m.payload(),
-            headers: m.headers().map(|h| h.as_borrowed()),
+            headers,
         }
     }
 }

@@ -4,6 +4,16 @@
 //! small fixed set of reasons or error classes.
 
 use crate::config::OnError;
+use crate::decode::RecordErrorKind;
+use crate::sink::ErrorClass;
+
+/// `chbridge_records_failed_total` reason of rows ClickHouse refused (the
+/// other reasons are `RecordErrorKind`s).
+pub const REJECTED: &str = "rejected";
+/// `chbridge_dead_letters_total` classes: records that could not become a
+/// row, and rows ClickHouse refused.
+pub const DEAD_LETTER_DECODE: &str = "decode";
+pub const DEAD_LETTER_DATA: &str = "data";
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -307,25 +317,21 @@ impl Metrics {
         ] {
             c.with_label_values(&[table]);
         }
-        for class in ["transient", "data", "fatal"] {
-            self.insert_errors.with_label_values(&[table, class]);
+        for class in ErrorClass::ALL {
+            self.insert_errors
+                .with_label_values(&[table, class.as_str()]);
         }
         for &(route, topic, on_error) in routes {
             self.route_info
                 .with_label_values(&[&route.to_string(), topic, table])
                 .set(1);
-            for reason in [
-                "empty",
-                "malformed",
-                "conversion",
-                "unknown_field",
-                "rejected",
-            ] {
+            let reasons = RecordErrorKind::ALL.map(RecordErrorKind::as_str);
+            for reason in reasons.into_iter().chain([REJECTED]) {
                 self.records_failed
                     .with_label_values(&[topic, table, reason]);
             }
             if on_error == OnError::DeadLetter {
-                for class in ["decode", "data"] {
+                for class in [DEAD_LETTER_DECODE, DEAD_LETTER_DATA] {
                     self.dead_letters.with_label_values(&[topic, table, class]);
                 }
             }

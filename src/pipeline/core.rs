@@ -915,7 +915,11 @@ impl Core {
                     let topic = &self.topics[segment.key.topic as usize].name;
                     self.metrics
                         .dead_letters
-                        .with_label_values(&[topic, &self.tables[table].name, "decode"])
+                        .with_label_values(&[
+                            topic,
+                            &self.tables[table].name,
+                            crate::observability::metrics::DEAD_LETTER_DECODE,
+                        ])
                         .inc();
                 }
                 Some(why) => {

@@ -15,6 +15,8 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
+    pub const ALL: [ErrorClass; 3] = [ErrorClass::Transient, ErrorClass::Data, ErrorClass::Fatal];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::Transient => "transient",

@@ -19,7 +19,7 @@ use crate::exactly_once::{BatchRange, StateStore};
 use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{Ownership, PartitionKey, Segment};
 use crate::kafka::Record;
-use crate::observability::{Health, Metrics};
+use crate::observability::{metrics, Health, Metrics};
 pub use errors::{ErrorClass, InsertError};
 
 /// A batch closed for insertion.
@@ -464,7 +464,7 @@ impl<W: Writer> TableSink<W> {
             let topic = self.topic_name(row.key.topic).to_string();
             self.metrics
                 .records_failed
-                .with_label_values(&[&topic, &self.table_name, "rejected"])
+                .with_label_values(&[&topic, &self.table_name, metrics::REJECTED])
                 .inc();
             match policies.of(row.key.topic) {
                 Some(RowPolicy::DeadLetter(dlq)) => letters.push((
@@ -546,7 +546,7 @@ impl<W: Writer> TableSink<W> {
                 Ok(Ok(())) => self
                     .metrics
                     .dead_letters
-                    .with_label_values(&[&topic, &self.table_name, "data"])
+                    .with_label_values(&[&topic, &self.table_name, metrics::DEAD_LETTER_DATA])
                     .inc(),
                 Ok(Err(m)) => return Err(dead_letter_error(m)),
                 Err(_) => return Err(dead_letter_error("the producer was closed".into())),
