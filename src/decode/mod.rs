@@ -2,6 +2,7 @@
 //! table. One file per input format; each implements [`Decoder`].
 
 pub mod json;
+pub mod value;
 
 use std::fmt;
 
@@ -40,14 +41,25 @@ pub enum RecordErrorKind {
     Conversion,
     /// A field that matches no column, with `unknown_fields = "error"`.
     UnknownField,
+    /// Over one of the route's `limits` (size, nesting depth, array or string length).
+    Limit,
+    /// The record's schema does not fit the table, or names a schema that does
+    /// not exist: a configuration problem, so the route stops whatever `on_error` says.
+    Schema,
+    /// The schema registry cannot be reached: nothing is wrong with the record,
+    /// so the bridge stops without committing past it and is restarted.
+    Unavailable,
 }
 
 impl RecordErrorKind {
-    pub const ALL: [RecordErrorKind; 4] = [
+    pub const ALL: [RecordErrorKind; 7] = [
         RecordErrorKind::Empty,
         RecordErrorKind::Malformed,
         RecordErrorKind::Conversion,
         RecordErrorKind::UnknownField,
+        RecordErrorKind::Limit,
+        RecordErrorKind::Schema,
+        RecordErrorKind::Unavailable,
     ];
 
     /// Short stable name, used as a metric label.
@@ -57,6 +69,9 @@ impl RecordErrorKind {
             RecordErrorKind::Malformed => "malformed",
             RecordErrorKind::Conversion => "conversion",
             RecordErrorKind::UnknownField => "unknown_field",
+            RecordErrorKind::Limit => "limit",
+            RecordErrorKind::Schema => "schema",
+            RecordErrorKind::Unavailable => "unavailable",
         }
     }
 }
@@ -71,6 +86,13 @@ impl fmt::Display for RecordError {
 }
 
 impl std::error::Error for RecordError {}
+
+/// The formats that decode a whole record before mapping it (Avro, Protobuf):
+/// a message value in, a [`value::Value::Record`] out. The mapping to columns
+/// is shared (mapping.rs).
+pub trait RecordReader: Send {
+    fn read<'a>(&mut self, value: &'a [u8]) -> Result<value::Value<'a>, RecordError>;
+}
 
 /// Turns a message value into one row of the table it was built for.
 pub trait Decoder: Send {
