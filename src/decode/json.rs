@@ -18,6 +18,11 @@ use crate::schema::{ColumnType, Fill, TableSchema};
 
 pub struct JsonDecoder {
     types: Vec<ColumnType>,
+    /// Per column, what a missing value becomes: None sends "use the
+    /// default" so that ClickHouse evaluates the column's DEFAULT expression;
+    /// a column without one gets its type's default value written out,
+    /// because RowBinaryWithDefaults would store an invalid 0 for an Enum.
+    missing: Vec<Option<Vec<u8>>>,
     names: Vec<String>,
     /// Field name -> position among the inserted columns. Columns that the
     /// record cannot fill (DEFAULT-only) are absent: they always take their default.
@@ -40,15 +45,22 @@ impl JsonDecoder {
         let mut types = Vec::new();
         let mut names = Vec::new();
         let mut fields = Vec::new();
+        let mut missing = Vec::new();
         for (i, c) in table.insert_columns().enumerate() {
             if c.fill() == Fill::Field {
                 fields.push((c.name.clone(), i));
             }
+            missing.push(c.default_expression.is_empty().then(|| {
+                let mut zero = Vec::new();
+                encode::write_zero(&c.ty, &mut zero);
+                zero
+            }));
             types.push(c.ty.clone());
             names.push(c.name.clone());
         }
         JsonDecoder {
             slots: vec![Slot::Missing; types.len()],
+            missing,
             types,
             names,
             fields: Fields::new(fields),
@@ -108,9 +120,15 @@ impl Decoder for JsonDecoder {
             });
         }
         out.reserve(self.scratch.len() + self.slots.len());
-        for slot in &self.slots {
+        for (slot, missing) in self.slots.iter().zip(&self.missing) {
             match *slot {
-                Slot::Missing => out.push(1),
+                Slot::Missing => match missing {
+                    Some(zero) => {
+                        out.push(0);
+                        out.extend_from_slice(zero);
+                    }
+                    None => out.push(1),
+                },
                 Slot::Value(start, end) => {
                     out.push(0);
                     out.extend_from_slice(&self.scratch[start..end]);
@@ -264,36 +282,250 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Filled, D::Error> {
         let (base, nullable) = base_type(self.ty);
-        if matches!(base, ColumnType::String) {
-            // Strings keep the exact text of non-string JSON values (numbers are
-            // not re-formatted, objects stay as sent), as ClickHouse's JSON input does.
-            let raw = <&RawValue as de::Deserialize>::deserialize(d)?;
-            let text = raw.get();
-            if text == "null" {
-                return Ok(self.null(base, nullable));
-            }
-            if nullable {
-                self.out.push(0);
-            }
-            match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        let by_text = matches!(
+            base,
+            ColumnType::String | ColumnType::Json | ColumnType::Variant(_) | ColumnType::Dynamic
+        ) || base.needs_exact_number();
+        if !by_text {
+            return d.deserialize_any(TypedVisitor {
+                ty: base,
+                nullable,
+                out: self.out,
+                nested: self.nested,
+            });
+        }
+        // These types need the value's exact text: strings keep the text of
+        // non-string values (numbers are not re-formatted, objects stay as
+        // sent, as ClickHouse's JSON input does), decimals and wide integers
+        // keep every digit, and Variant and Dynamic choose a type from it.
+        let raw = <&RawValue as de::Deserialize>::deserialize(d)?;
+        let text = raw.get();
+        if text == "null" {
+            return Ok(self.null(base, nullable));
+        }
+        if nullable {
+            self.out.push(0);
+        }
+        match base {
+            ColumnType::String => match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
                 Some(inner) if !inner.contains('\\') => {
                     encode::write_bytes(self.out, inner.as_bytes())
                 }
-                Some(_) => {
-                    let s: String = serde_json::from_str(text).map_err(de::Error::custom)?;
-                    encode::write_bytes(self.out, s.as_bytes());
-                }
+                Some(_) => encode::write_bytes(self.out, unquote(text)?.as_bytes()),
                 None => encode::write_bytes(self.out, text.as_bytes()),
+            },
+            ColumnType::Json if text.starts_with('{') => {
+                encode::write_bytes(self.out, text.as_bytes())
             }
-            return Ok(Filled::Value);
+            ColumnType::Json => {
+                return Err(de::Error::custom(format!(
+                    "expected a JSON object for JSON, got {text}"
+                )))
+            }
+            ColumnType::Variant(variants) => write_variant(variants, text, self.out)?,
+            ColumnType::Dynamic => write_dynamic(text, self.out)?,
+            _ => {
+                let r = if text.starts_with('"') {
+                    let s = unquote(text)?;
+                    exact_number(base, &s, self.out)
+                } else if text.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])
+                {
+                    exact_number(base, text, self.out)
+                } else {
+                    Err(ConvertError(format!("expected {base}, got {text}")))
+                };
+                r.map_err(de::Error::custom)?;
+            }
         }
-        d.deserialize_any(TypedVisitor {
-            ty: base,
-            nullable,
-            out: self.out,
-            nested: self.nested,
+        Ok(Filled::Value)
+    }
+}
+
+/// The text of a JSON string literal.
+fn unquote<E: de::Error>(literal: &str) -> Result<String, E> {
+    serde_json::from_str(literal).map_err(E::custom)
+}
+
+fn exact_number(ty: &ColumnType, text: &str, out: &mut Vec<u8>) -> Result<(), ConvertError> {
+    match ty {
+        ColumnType::Decimal { .. } => encode::write_decimal_str(ty, text, out),
+        _ => encode::write_numeric_str(ty, text, out),
+    }
+}
+
+/// A Variant takes the first of its types that the value converts to, in an
+/// order that keeps the value exact: for a JSON string the string types come
+/// first; for a whole number the integer types, then Decimal, then floats; for
+/// other numbers floats, then Decimal; the string types always last otherwise
+/// (a number must not become its own text when a numeric type can hold it).
+fn write_variant<E: de::Error>(
+    variants: &[ColumnType],
+    text: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), E> {
+    let quoted = text.starts_with('"');
+    let whole = !quoted && !text.contains(['.', 'e', 'E']);
+    let rank = |t: &ColumnType| -> u8 {
+        let t = base_type(t).0;
+        match t {
+            ColumnType::String | ColumnType::FixedString(_) => {
+                if quoted {
+                    0
+                } else {
+                    4
+                }
+            }
+            t if t.is_integer() && whole => 0,
+            ColumnType::Decimal { .. } if !quoted => 1,
+            ColumnType::Float32 | ColumnType::Float64 | ColumnType::BFloat16 if !quoted => {
+                if whole {
+                    2
+                } else {
+                    0
+                }
+            }
+            _ => 3,
+        }
+    };
+    let mut order: Vec<(usize, &ColumnType)> = variants.iter().enumerate().collect();
+    order.sort_by_key(|(_, t)| rank(t));
+    let mut tried = Vec::new();
+    for (i, ty) in order {
+        let start = out.len();
+        out.push(i as u8);
+        let mut de = serde_json::Deserializer::from_str(text);
+        let seed = ValueSeed {
+            ty,
+            out,
+            nested: true,
+        };
+        match seed.deserialize(&mut de) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                out.truncate(start);
+                tried.push(format!("{ty}: {e}"));
+            }
+        }
+    }
+    Err(E::custom(format!(
+        "{text} fits none of the Variant's types ({})",
+        tried.join("; ")
+    )))
+}
+
+/// A Dynamic value takes the type its JSON value has: Int64 (UInt64 above
+/// its range), Float64, Bool, String, NULL, or an array of one such type.
+/// Unlike ClickHouse's JSON input it does not guess dates inside strings.
+fn write_dynamic<E: de::Error>(text: &str, out: &mut Vec<u8>) -> Result<(), E> {
+    use encode::dynamic_type as t;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(E::custom)?;
+    fn scalar_type(v: &serde_json::Value) -> Option<u8> {
+        use serde_json::Value as J;
+        Some(match v {
+            J::Bool(_) => t::BOOL,
+            J::Number(n) if n.is_i64() => t::INT64,
+            J::Number(n) if n.is_u64() => t::UINT64,
+            J::Number(_) => t::FLOAT64,
+            J::String(_) => t::STRING,
+            _ => return None,
         })
     }
+    fn scalar(code: u8, v: &serde_json::Value, out: &mut Vec<u8>) {
+        use serde_json::Value as J;
+        match (code, v) {
+            (t::BOOL, J::Bool(b)) => out.push(u8::from(*b)),
+            (t::INT64, J::Number(n)) => {
+                out.extend_from_slice(&n.as_i64().unwrap_or_default().to_le_bytes())
+            }
+            (t::UINT64, J::Number(n)) => {
+                out.extend_from_slice(&n.as_u64().unwrap_or_default().to_le_bytes())
+            }
+            (t::FLOAT64, J::Number(n)) => {
+                out.extend_from_slice(&n.as_f64().unwrap_or_default().to_le_bytes())
+            }
+            (t::STRING, J::String(s)) => encode::write_bytes(out, s.as_bytes()),
+            _ => {}
+        }
+    }
+    match &v {
+        serde_json::Value::Null => out.push(t::NOTHING),
+        serde_json::Value::Array(items) => {
+            // One element type for all (Int64 widens to Float64); NULLs make it Nullable.
+            let mut elem: Option<u8> = None;
+            let mut nulls = false;
+            for item in items {
+                let code = match item {
+                    serde_json::Value::Null => {
+                        nulls = true;
+                        continue;
+                    }
+                    other => scalar_type(other),
+                };
+                elem = match (elem, code) {
+                    (_, None) => None,
+                    (None, c) => c,
+                    (Some(a), Some(b)) if a == b => Some(a),
+                    (
+                        Some(t::INT64 | t::UINT64 | t::FLOAT64),
+                        Some(t::INT64 | t::UINT64 | t::FLOAT64),
+                    ) => Some(t::FLOAT64),
+                    _ => None,
+                };
+                if elem.is_none() {
+                    return Err(E::custom(format!(
+                        "the array {text} mixes element types; Dynamic takes arrays of one scalar type"
+                    )));
+                }
+            }
+            let code = elem.unwrap_or(t::STRING);
+            out.push(t::ARRAY);
+            if nulls {
+                out.push(t::NULLABLE);
+            }
+            out.push(code);
+            encode::write_varint(out, items.len() as u64);
+            for item in items {
+                match item {
+                    serde_json::Value::Null => {
+                        out.push(1);
+                        encode::write_zero(
+                            &match code {
+                                t::BOOL => ColumnType::Bool,
+                                t::STRING => ColumnType::String,
+                                _ => ColumnType::Int64,
+                            },
+                            out,
+                        );
+                    }
+                    v => {
+                        if nulls {
+                            out.push(0);
+                        }
+                        if code == t::FLOAT64 {
+                            scalar(
+                                code,
+                                &serde_json::Value::from(v.as_f64().unwrap_or_default()),
+                                out,
+                            );
+                        } else {
+                            scalar(code, v, out);
+                        }
+                    }
+                }
+            }
+        }
+        serde_json::Value::Object(_) => {
+            return Err(E::custom(
+                "an object cannot be a Dynamic value; use a JSON, Map or Tuple column",
+            ))
+        }
+        v => {
+            let code = scalar_type(v).unwrap_or(t::STRING);
+            out.push(code);
+            scalar(code, v, out);
+        }
+    }
+    Ok(())
 }
 
 impl ValueSeed<'_> {
@@ -384,6 +616,11 @@ impl TypedVisitor<'_> {
                 Ok(d) => encode::write_date_days(self.ty, d, self.out),
                 Err(_) => Err(ConvertError(format!("{v} is out of range for {}", self.ty))),
             },
+            ColumnType::Enum { .. } => encode::write_enum_number(self.ty, v, self.out),
+            ColumnType::Time | ColumnType::Time64 { .. } => match v.checked_mul(1_000_000_000) {
+                Some(n) => encode::write_time_nanos(self.ty, n, self.out),
+                None => Err(ConvertError(format!("{v} is out of range for {}", self.ty))),
+            },
             t if t.is_numeric() => encode::write_int(self.ty, v, self.out),
             _ => return self.wrong(&format!("the number {v}")),
         };
@@ -430,6 +667,9 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
             t if t.is_numeric() && !matches!(t, ColumnType::Bool) => {
                 encode::write_float(self.ty, v, self.out)
             }
+            ColumnType::Time | ColumnType::Time64 { .. } if v.is_finite() && v.abs() < 1e7 => {
+                encode::write_time_nanos(self.ty, (v * 1e9).round() as i128, self.out)
+            }
             _ => return self.wrong(&format!("the number {v}")),
         };
         self.done(r)
@@ -449,6 +689,11 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
             }
             ColumnType::Uuid => encode::write_uuid(v, self.out),
             ColumnType::IPv4 => encode::write_ipv4(v, self.out),
+            ColumnType::IPv6 => encode::write_ipv6(v, self.out),
+            ColumnType::Enum { .. } => encode::write_enum_str(self.ty, v, self.out),
+            ColumnType::Time | ColumnType::Time64 { .. } => {
+                encode::write_time_str(self.ty, v, self.out)
+            }
             t if t.is_numeric() => encode::write_numeric_str(self.ty, v, self.out),
             _ => return self.wrong(&format!("the string {v:?}")),
         };
@@ -558,12 +803,25 @@ mod tests {
 
     #[test]
     fn missing_and_null_fields_take_the_default_and_nullable_gets_null() {
+        // No DEFAULT expression: the type's default value is written out.
         let out = decode(
-            &[("a", "UInt8"), ("b", "Nullable(UInt8)"), ("c", "UInt8")],
+            &[
+                ("a", "UInt8"),
+                ("b", "Nullable(UInt8)"),
+                ("c", "Enum8('x' = -2, 'y' = 1)"),
+            ],
             r#"{"a":null,"b":null}"#,
         )
         .unwrap();
-        assert_eq!(out, [1, 0, 1, 1]);
+        assert_eq!(out, [0, 0, 0, 1, 0, 0xfe]);
+        // A DEFAULT expression: "use the default" is sent for ClickHouse to evaluate.
+        let mut t = table(&[("a", "UInt8")]);
+        t.columns[0].default_kind = crate::schema::DefaultKind::Default;
+        t.columns[0].default_expression = "7".into();
+        let mut d = JsonDecoder::new(&t, UnknownFields::Ignore);
+        let mut out = Vec::new();
+        d.decode(Some(b"{}"), &mut out).unwrap();
+        assert_eq!(out, [1]);
     }
 
     #[test]

@@ -23,7 +23,10 @@ pub enum Value<'a> {
     Bytes(Cow<'a, [u8]>),
     /// An exact decimal: `unscaled * 10^-scale`. Big-endian two's complement
     /// bytes of any length (Avro's decimal), so Decimal256 keeps every digit.
-    Decimal { unscaled: Cow<'a, [u8]>, scale: u32 },
+    Decimal {
+        unscaled: Cow<'a, [u8]>,
+        scale: u32,
+    },
     /// A point in time as nanoseconds since 1970-01-01 UTC (Avro timestamp-*,
     /// Protobuf Timestamp, the Kafka timestamp).
     Timestamp(i128),
@@ -32,7 +35,10 @@ pub enum Value<'a> {
     /// Time of day (or a duration) in nanoseconds (Avro time-millis/micros).
     Time(i64),
     /// An enum symbol with its number when the format has one.
-    Enum { name: Cow<'a, str>, number: Option<i64> },
+    Enum {
+        name: Cow<'a, str>,
+        number: Option<i64>,
+    },
     /// Avro array, Protobuf repeated field.
     Array(Vec<Value<'a>>),
     /// Avro map, Protobuf map field: keys in the order decoded.

@@ -70,8 +70,23 @@ pub fn write_int(ty: &ColumnType, v: i128, out: &mut Vec<u8>) -> ConvertResult {
         ColumnType::UInt16 => put!(u16),
         ColumnType::UInt32 => put!(u32),
         ColumnType::UInt64 => put!(u64),
+        ColumnType::Int128 => put!(i128),
+        ColumnType::UInt128 => put!(u128),
+        ColumnType::Int256 => {
+            write_wide(out, v < 0, v.unsigned_abs(), 32);
+            Ok(())
+        }
+        ColumnType::UInt256 if v >= 0 => {
+            write_wide(out, false, v as u128, 32);
+            Ok(())
+        }
+        ColumnType::UInt256 => err(format!("{v} is out of range for {ty}")),
         ColumnType::Float32 => {
             out.extend_from_slice(&(v as f32).to_le_bytes());
+            Ok(())
+        }
+        ColumnType::BFloat16 => {
+            write_bfloat16(v as f32, out);
             Ok(())
         }
         ColumnType::Float64 => {
@@ -89,11 +104,270 @@ pub fn write_int(ty: &ColumnType, v: i128, out: &mut Vec<u8>) -> ConvertResult {
     }
 }
 
+/// BFloat16 is the upper half of a Float32; ClickHouse truncates the lower half.
+fn write_bfloat16(v: f32, out: &mut Vec<u8>) {
+    out.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
+}
+
+/// Writes a magnitude of up to 128 bits with a sign as a little-endian two's
+/// complement integer of `width` bytes (16 or 32).
+fn write_wide(out: &mut Vec<u8>, negative: bool, magnitude: u128, width: usize) {
+    let mut limbs = [0u64; 4];
+    limbs[0] = magnitude as u64;
+    limbs[1] = (magnitude >> 64) as u64;
+    write_limbs(out, negative, limbs, width);
+}
+
+fn write_limbs(out: &mut Vec<u8>, negative: bool, mut limbs: [u64; 4], width: usize) {
+    if negative {
+        // Two's complement: invert and add one.
+        let mut carry = true;
+        for l in limbs.iter_mut() {
+            let (v, c) = (!*l).overflowing_add(u64::from(carry));
+            *l = v;
+            carry = c;
+        }
+    }
+    let mut bytes = [0u8; 32];
+    for (i, l) in limbs.iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&l.to_le_bytes());
+    }
+    out.extend_from_slice(&bytes[..width]);
+}
+
+/// A decimal digit string as a 256-bit magnitude, or None when it does not fit.
+fn digits_to_limbs(digits: &[u8]) -> Option<[u64; 4]> {
+    let mut limbs = [0u64; 4];
+    for &d in digits {
+        let mut carry = u128::from(d - b'0');
+        for l in limbs.iter_mut() {
+            let v = u128::from(*l) * 10 + carry;
+            *l = v as u64;
+            carry = v >> 64;
+        }
+        if carry != 0 {
+            return None;
+        }
+    }
+    Some(limbs)
+}
+
+/// A number's exact text taken apart: sign, integer digits, fraction digits
+/// (after applying any exponent). None when it is not a number.
+struct Digits {
+    negative: bool,
+    int: Vec<u8>,
+    frac: Vec<u8>,
+}
+
+fn parse_digits(s: &str) -> Option<Digits> {
+    let b = s.trim().as_bytes();
+    let (negative, b) = match b.first() {
+        Some(b'-') => (true, &b[1..]),
+        Some(b'+') => (false, &b[1..]),
+        _ => (false, b),
+    };
+    let (mantissa, exp) = match b.iter().position(|&c| c == b'e' || c == b'E') {
+        Some(i) => {
+            let e: i32 = std::str::from_utf8(&b[i + 1..]).ok()?.parse().ok()?;
+            (&b[..i], e)
+        }
+        None => (b, 0),
+    };
+    let (int, frac) = match mantissa.iter().position(|&c| c == b'.') {
+        Some(i) => (&mantissa[..i], &mantissa[i + 1..]),
+        None => (mantissa, &[][..]),
+    };
+    if int.is_empty() && frac.is_empty()
+        || !int.iter().chain(frac).all(u8::is_ascii_digit)
+        || exp.unsigned_abs() > 100
+    {
+        return None;
+    }
+    let mut all: Vec<u8> = int.iter().chain(frac).copied().collect();
+    // The decimal point sits after `point` digits of `all`.
+    let mut point = int.len() as i64 + i64::from(exp);
+    if point < 0 {
+        let pad = (-point) as usize;
+        all.splice(0..0, std::iter::repeat_n(b'0', pad));
+        point = 0;
+    }
+    let point = point as usize;
+    if point > all.len() {
+        all.resize(point, b'0');
+    }
+    let frac = all.split_off(point);
+    let first = all.iter().position(|&c| c != b'0').unwrap_or(all.len());
+    all.drain(..first);
+    Some(Digits {
+        negative,
+        int: all,
+        frac,
+    })
+}
+
+/// (U)Int128/256 from exact text, beyond what i128 holds.
+fn write_big_int_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    let bad = || err(format!("{s:?} is not an integer, expected {ty}"));
+    let Some(d) = parse_digits(s) else {
+        return bad();
+    };
+    if d.frac.iter().any(|&c| c != b'0') {
+        return err(format!("{s:?} is not a whole number, expected {ty}"));
+    }
+    let range = || err(format!("{s} is out of range for {ty}"));
+    let Some(limbs) = digits_to_limbs(&d.int) else {
+        return range();
+    };
+    let zero = limbs == [0; 4];
+    let (signed, width) = match ty {
+        ColumnType::Int128 => (true, 16),
+        ColumnType::UInt128 => (false, 16),
+        ColumnType::Int256 => (true, 32),
+        ColumnType::UInt256 => (false, 32),
+        _ => return err(format!("internal: {ty} is not a wide integer")),
+    };
+    let top = &limbs[width / 8..];
+    let high_bit = limbs[width / 8 - 1] >> 63 == 1;
+    let fits = top.iter().all(|&l| l == 0)
+        && if signed {
+            // Up to 2^(bits-1) - 1, or 2^(bits-1) when negative.
+            !high_bit
+                || (d.negative
+                    && limbs[width / 8 - 1] == 1 << 63
+                    && limbs[..width / 8 - 1].iter().all(|&l| l == 0))
+        } else {
+            !d.negative || zero
+        };
+    if !fits {
+        return range();
+    }
+    write_limbs(out, d.negative && !zero, limbs, width);
+    Ok(())
+}
+
+/// The byte width of a Decimal(P, _) value.
+pub fn decimal_width(precision: u32) -> usize {
+    match precision {
+        0..=9 => 4,
+        10..=18 => 8,
+        19..=38 => 16,
+        _ => 32,
+    }
+}
+
+/// A Decimal(P, S) from a number's exact text. Digits beyond the scale are
+/// refused unless they are zeros: rounding would change the value silently.
+pub fn write_decimal_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    let ColumnType::Decimal { precision, scale } = *ty else {
+        return err(format!("internal: {ty} is not a Decimal"));
+    };
+    let Some(mut d) = parse_digits(s) else {
+        return err(format!("{s:?} is not a number, expected {ty}"));
+    };
+    let keep = scale as usize;
+    if d.frac.len() > keep {
+        if d.frac[keep..].iter().any(|&c| c != b'0') {
+            return err(format!(
+                "{s} has more than {scale} decimal places and {ty} would round it;                  send at most {scale} decimal places or widen the column's scale"
+            ));
+        }
+        d.frac.truncate(keep);
+    }
+    d.frac.resize(keep, b'0');
+    let mut unscaled = d.int;
+    unscaled.extend_from_slice(&d.frac);
+    let first = unscaled
+        .iter()
+        .position(|&c| c != b'0')
+        .unwrap_or(unscaled.len());
+    unscaled.drain(..first);
+    if unscaled.len() > precision as usize {
+        return err(format!(
+            "{s} is out of range for {ty} (at most {} digits before the decimal point)",
+            precision - scale
+        ));
+    }
+    let Some(limbs) = digits_to_limbs(&unscaled) else {
+        return err(format!("{s} is out of range for {ty}"));
+    };
+    write_limbs(
+        out,
+        d.negative && !unscaled.is_empty(),
+        limbs,
+        decimal_width(precision),
+    );
+    Ok(())
+}
+
+/// A Decimal from the unscaled big-endian two's complement integer and scale
+/// that Avro's decimal carries.
+pub fn write_decimal_unscaled(
+    ty: &ColumnType,
+    unscaled_be: &[u8],
+    scale: u32,
+    out: &mut Vec<u8>,
+) -> ConvertResult {
+    let negative = unscaled_be.first().is_some_and(|b| b & 0x80 != 0);
+    // Magnitude, big-endian.
+    let mut mag: Vec<u8> = unscaled_be.to_vec();
+    if negative {
+        for b in mag.iter_mut() {
+            *b = !*b;
+        }
+        for b in mag.iter_mut().rev() {
+            let (v, c) = b.overflowing_add(1);
+            *b = v;
+            if !c {
+                break;
+            }
+        }
+    }
+    // Base 256 -> base 10 by repeated division (values are at most a few dozen bytes).
+    let mut digits = Vec::new();
+    while mag.iter().any(|&b| b != 0) {
+        let mut rem = 0u32;
+        for b in mag.iter_mut() {
+            let cur = (rem << 8) | u32::from(*b);
+            *b = (cur / 10) as u8;
+            rem = cur % 10;
+        }
+        digits.push(b'0' + rem as u8);
+        if digits.len() > 200 {
+            return err(format!(
+                "a decimal of {} bytes is too large for {ty}",
+                unscaled_be.len()
+            ));
+        }
+    }
+    let scale = scale as usize;
+    if digits.len() <= scale {
+        digits.resize(scale + 1, b'0');
+    }
+    digits.reverse();
+    let mut text = String::with_capacity(digits.len() + 2);
+    if negative {
+        text.push('-');
+    }
+    let point = digits.len() - scale;
+    text.push_str(std::str::from_utf8(&digits[..point]).unwrap_or("0"));
+    if scale > 0 {
+        text.push('.');
+        text.push_str(std::str::from_utf8(&digits[point..]).unwrap_or("0"));
+    }
+    write_decimal_str(ty, &text, out)
+}
+
 /// Writes a float into a Float column, or into an integer column when it has no fraction.
 pub fn write_float(ty: &ColumnType, v: f64, out: &mut Vec<u8>) -> ConvertResult {
     match ty {
         ColumnType::Float32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
         ColumnType::Float64 => out.extend_from_slice(&v.to_le_bytes()),
+        ColumnType::BFloat16 => write_bfloat16(v as f32, out),
+        // The shortest text that reads back as this f64: the value the producer wrote.
+        ColumnType::Decimal { .. } if v.is_finite() => {
+            return write_decimal_str(ty, &v.to_string(), out)
+        }
         _ if v.fract() == 0.0 && v.is_finite() && v.abs() < 1.8e19 => {
             return write_int(ty, v as i128, out)
         }
@@ -106,10 +380,12 @@ pub fn write_float(ty: &ColumnType, v: f64, out: &mut Vec<u8>) -> ConvertResult 
 pub fn write_numeric_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> ConvertResult {
     let t = s.trim();
     match ty {
-        ColumnType::Float32 | ColumnType::Float64 => match t.parse::<f64>() {
-            Ok(v) => write_float(ty, v, out),
-            Err(_) => err(format!("{s:?} is not a number, expected {ty}")),
-        },
+        ColumnType::Float32 | ColumnType::Float64 | ColumnType::BFloat16 => {
+            match t.parse::<f64>() {
+                Ok(v) => write_float(ty, v, out),
+                Err(_) => err(format!("{s:?} is not a number, expected {ty}")),
+            }
+        }
         ColumnType::Bool => match t {
             "true" | "1" => write_int(ty, 1, out),
             "false" | "0" => write_int(ty, 0, out),
@@ -117,9 +393,159 @@ pub fn write_numeric_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> Convert
         },
         _ => match t.parse::<i128>() {
             Ok(v) => write_int(ty, v, out),
+            Err(_) if ty.needs_exact_number() => write_big_int_str(ty, t, out),
             Err(_) => err(format!("{s:?} is not an integer, expected {ty}")),
         },
     }
+}
+
+/// An Enum from one of its names.
+pub fn write_enum_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    let ColumnType::Enum { values, .. } = ty else {
+        return err(format!("internal: {ty} is not an Enum"));
+    };
+    match values.iter().find(|(n, _)| n == s) {
+        Some((_, v)) => write_enum_number(ty, i128::from(*v), out),
+        None => {
+            // A number in a string names the value by its number, as in ClickHouse.
+            if let Ok(n) = s.trim().parse::<i128>() {
+                return write_enum_number(ty, n, out);
+            }
+            let names: Vec<&str> = values.iter().map(|(n, _)| n.as_str()).collect();
+            err(format!("{s:?} is not a value of {ty} (one of {names:?})"))
+        }
+    }
+}
+
+/// An Enum from its number, which must be one of the declared ones.
+pub fn write_enum_number(ty: &ColumnType, n: i128, out: &mut Vec<u8>) -> ConvertResult {
+    let ColumnType::Enum { wide, values } = ty else {
+        return err(format!("internal: {ty} is not an Enum"));
+    };
+    match values.iter().find(|(_, v)| i128::from(*v) == n) {
+        Some((_, v)) if *wide => out.extend_from_slice(&v.to_le_bytes()),
+        Some((_, v)) => out.push(*v as i8 as u8),
+        None => return err(format!("{n} is not a value of {ty}")),
+    }
+    Ok(())
+}
+
+/// IPv6 from its text; an IPv4 address becomes the IPv4-mapped IPv6 address.
+pub fn write_ipv6(s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    let t = s.trim();
+    let ip = match t.parse::<std::net::Ipv6Addr>() {
+        Ok(ip) => ip,
+        Err(_) => match t.parse::<std::net::Ipv4Addr>() {
+            Ok(v4) => v4.to_ipv6_mapped(),
+            Err(_) => return err(format!("{s:?} is not an IPv6 address")),
+        },
+    };
+    out.extend_from_slice(&ip.octets());
+    Ok(())
+}
+
+/// UUID or IPv6 from 16 raw bytes (Avro fixed, Protobuf bytes), big-endian as written.
+pub fn write_16_bytes(ty: &ColumnType, b: &[u8], out: &mut Vec<u8>) -> ConvertResult {
+    let Ok(b16) = <[u8; 16]>::try_from(b) else {
+        return err(format!(
+            "{} bytes cannot be {ty} (16 bytes needed)",
+            b.len()
+        ));
+    };
+    match ty {
+        ColumnType::Uuid => {
+            let u = uuid::Uuid::from_bytes(b16);
+            let (hi, lo) = u.as_u64_pair();
+            out.extend_from_slice(&hi.to_le_bytes());
+            out.extend_from_slice(&lo.to_le_bytes());
+        }
+        ColumnType::IPv6 => out.extend_from_slice(&b16),
+        _ => return err(format!("internal: {ty} is not 16 bytes")),
+    }
+    Ok(())
+}
+
+/// Time and Time64 hold a signed duration of at most 999:59:59.
+const TIME_MAX_SECS: i128 = 999 * 3600 + 59 * 60 + 59;
+
+/// Time or Time64 from nanoseconds, truncated to the column's precision.
+pub fn write_time_nanos(ty: &ColumnType, nanos: i128, out: &mut Vec<u8>) -> ConvertResult {
+    let secs = nanos / 1_000_000_000;
+    if secs.abs() > TIME_MAX_SECS {
+        return err(format!(
+            "{secs} seconds is out of range for {ty} (-999:59:59 to 999:59:59)"
+        ));
+    }
+    match ty {
+        ColumnType::Time => out.extend_from_slice(&(secs as i32).to_le_bytes()),
+        ColumnType::Time64 { precision } => {
+            let ticks = nanos / scale(9 - precision);
+            out.extend_from_slice(&(ticks as i64).to_le_bytes());
+        }
+        _ => return err(format!("internal: {ty} is not a time")),
+    }
+    Ok(())
+}
+
+/// Time from `[-]h:mm:ss[.fff]` (hours may exceed 24) or from seconds as text.
+pub fn write_time_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> ConvertResult {
+    let t = s.trim();
+    let bad = || {
+        err(format!(
+            "{s:?} is not a time (expected [-]h:mm:ss[.fff] or seconds), expected {ty}"
+        ))
+    };
+    let (negative, body) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t),
+    };
+    // Digits only, at most `max` of them.
+    let num = |x: &str, max: usize| -> Option<i128> {
+        if x.is_empty() || x.len() > max || !x.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        x.parse().ok()
+    };
+    // A fraction of a second as nanoseconds.
+    let frac_nanos = |f: &str| -> Option<i128> {
+        if f.is_empty() {
+            return Some(0);
+        }
+        let mut padded = num(f, 9)?.to_string();
+        padded.insert_str(0, &"0".repeat(f.len() - padded.len()));
+        padded.push_str(&"0".repeat(9 - f.len()));
+        padded.parse().ok()
+    };
+    let (whole, frac) = body.split_once('.').unwrap_or((body, ""));
+    let parts: Vec<&str> = whole.split(':').collect();
+    let secs = match parts.as_slice() {
+        [secs] => num(secs, 12),
+        [h, m, sec] => match (num(h, 4), num(m, 2), num(sec, 2)) {
+            (Some(h), Some(m), Some(sec)) if m < 60 && sec < 60 => Some(h * 3600 + m * 60 + sec),
+            _ => None,
+        },
+        _ => None,
+    };
+    let (Some(secs), Some(frac)) = (secs, frac_nanos(frac)) else {
+        return bad();
+    };
+    let nanos = secs * 1_000_000_000 + frac;
+    write_time_nanos(ty, if negative { -nanos } else { nanos }, out)
+}
+
+/// The discriminator of a NULL Variant.
+pub const VARIANT_NULL: u8 = 255;
+
+/// The Dynamic type's binary type codes of the types chbridge writes into it.
+pub mod dynamic_type {
+    pub const NOTHING: u8 = 0x00;
+    pub const UINT64: u8 = 0x04;
+    pub const INT64: u8 = 0x0a;
+    pub const FLOAT64: u8 = 0x0e;
+    pub const STRING: u8 = 0x15;
+    pub const ARRAY: u8 = 0x1e;
+    pub const NULLABLE: u8 = 0x23;
+    pub const BOOL: u8 = 0x2d;
 }
 
 /// Days since 1970-01-01 of a `YYYY-MM-DD` string.
@@ -400,19 +826,45 @@ pub fn write_zero(ty: &ColumnType, out: &mut Vec<u8>) {
             return;
         }
         ColumnType::Int8 | ColumnType::UInt8 | ColumnType::Bool => 1,
-        ColumnType::Int16 | ColumnType::UInt16 | ColumnType::Date => 2,
+        ColumnType::Int16 | ColumnType::UInt16 | ColumnType::Date | ColumnType::BFloat16 => 2,
         ColumnType::Int32
         | ColumnType::UInt32
         | ColumnType::Float32
         | ColumnType::Date32
         | ColumnType::DateTime { .. }
-        | ColumnType::IPv4 => 4,
+        | ColumnType::IPv4
+        | ColumnType::Time => 4,
         ColumnType::Int64
         | ColumnType::UInt64
         | ColumnType::Float64
-        | ColumnType::DateTime64 { .. } => 8,
-        ColumnType::Uuid => 16,
+        | ColumnType::DateTime64 { .. }
+        | ColumnType::Time64 { .. } => 8,
+        ColumnType::Uuid | ColumnType::IPv6 | ColumnType::Int128 | ColumnType::UInt128 => 16,
+        ColumnType::Int256 | ColumnType::UInt256 => 32,
+        ColumnType::Decimal { precision, .. } => decimal_width(*precision),
         ColumnType::FixedString(n) => *n,
+        // ClickHouse's default of an Enum is its first (smallest) value.
+        ColumnType::Enum { wide, values } => {
+            let v = values.first().map_or(0, |(_, v)| *v);
+            if *wide {
+                out.extend_from_slice(&v.to_le_bytes());
+            } else {
+                out.push(v as i8 as u8);
+            }
+            return;
+        }
+        ColumnType::Variant(_) => {
+            out.push(VARIANT_NULL);
+            return;
+        }
+        ColumnType::Dynamic => {
+            out.push(dynamic_type::NOTHING);
+            return;
+        }
+        ColumnType::Json => {
+            write_bytes(out, b"{}");
+            return;
+        }
         // Strings, arrays and maps: an empty one is a zero length.
         ColumnType::String | ColumnType::Array(_) | ColumnType::Map(..) => 1,
         ColumnType::Nullable(_) => {

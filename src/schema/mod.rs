@@ -64,10 +64,7 @@ impl Column {
         if self.ty.is_supported() {
             return Fill::Field;
         }
-        let why = format!(
-            "type {} is not supported by the JSON decoder yet",
-            self.type_text
-        );
+        let why = format!("chbridge cannot write values of type {}", self.type_text);
         if self.default_kind == DefaultKind::Default {
             Fill::DefaultOnly(why)
         } else {
@@ -119,8 +116,17 @@ impl TableSchema {
             .insert_columns()
             .map(|c| quote_ident(&c.name))
             .collect();
+        // JSON columns travel as JSON text, which ClickHouse parses itself.
+        let settings = if self
+            .insert_columns()
+            .any(|c| c.ty.contains(&|t| *t == ColumnType::Json))
+        {
+            " SETTINGS input_format_binary_read_json_as_string = 1"
+        } else {
+            ""
+        };
         format!(
-            "INSERT INTO {}.{} ({}) FORMAT RowBinaryWithDefaults",
+            "INSERT INTO {}.{} ({}){settings} FORMAT RowBinaryWithDefaults",
             quote_ident(&self.database),
             quote_ident(&self.table),
             cols.join(", ")

@@ -17,8 +17,19 @@ pub enum ColumnType {
     UInt16,
     UInt32,
     UInt64,
+    Int128,
+    UInt128,
+    Int256,
+    UInt256,
+    /// Stored as the upper 16 bits of a Float32.
+    BFloat16,
     Float32,
     Float64,
+    /// `Decimal(P, S)`: an integer of 4, 8, 16 or 32 bytes (by P) scaled by 10^-S.
+    Decimal {
+        precision: u32,
+        scale: u32,
+    },
     Bool,
     String,
     FixedString(usize),
@@ -35,6 +46,25 @@ pub enum ColumnType {
         tz: Option<String>,
     },
     IPv4,
+    /// 16 bytes in network order.
+    IPv6,
+    /// `Enum8` (wide = false) or `Enum16`: names and their numbers, as declared.
+    Enum {
+        wide: bool,
+        values: Vec<(String, i16)>,
+    },
+    /// Seconds of a time of day or duration (Int32), or `Time64(p)` ticks (Int64).
+    Time,
+    Time64 {
+        precision: u32,
+    },
+    /// `Variant(T1, ...)`: one discriminator byte (the index in this list, which
+    /// is ClickHouse's sorted order) and the value; 255 is NULL.
+    Variant(Vec<ColumnType>),
+    /// A value with its type: the type's binary encoding, then the value.
+    Dynamic,
+    /// The `JSON` type, sent as JSON text (`input_format_binary_read_json_as_string`).
+    Json,
     Nullable(Box<ColumnType>),
     /// Encoded exactly as its inner type in RowBinary.
     LowCardinality(Box<ColumnType>),
@@ -69,11 +99,26 @@ impl ColumnType {
             }
             ColumnType::Map(k, v) => k.is_supported() && v.is_supported(),
             ColumnType::Tuple(els) => !els.is_empty() && els.iter().all(|(_, t)| t.is_supported()),
+            ColumnType::Variant(vs) => !vs.is_empty() && vs.iter().all(|t| t.is_supported()),
             _ => true,
         }
     }
 
-    /// (U)Int8..64: values convert from integers and numeric strings.
+    /// True when this type or one inside it satisfies `f`.
+    pub fn contains(&self, f: &dyn Fn(&ColumnType) -> bool) -> bool {
+        f(self)
+            || match self {
+                ColumnType::Nullable(t) | ColumnType::LowCardinality(t) | ColumnType::Array(t) => {
+                    t.contains(f)
+                }
+                ColumnType::Map(k, v) => k.contains(f) || v.contains(f),
+                ColumnType::Tuple(els) => els.iter().any(|(_, t)| t.contains(f)),
+                ColumnType::Variant(vs) => vs.iter().any(|t| t.contains(f)),
+                _ => false,
+            }
+    }
+
+    /// (U)Int8..256: values convert from integers and numeric strings.
     pub fn is_integer(&self) -> bool {
         matches!(
             self,
@@ -85,6 +130,10 @@ impl ColumnType {
                 | ColumnType::UInt16
                 | ColumnType::UInt32
                 | ColumnType::UInt64
+                | ColumnType::Int128
+                | ColumnType::UInt128
+                | ColumnType::Int256
+                | ColumnType::UInt256
         )
     }
 
@@ -94,8 +143,21 @@ impl ColumnType {
         self.is_integer()
             || matches!(
                 self,
-                ColumnType::Float32 | ColumnType::Float64 | ColumnType::Bool
+                ColumnType::Float32 | ColumnType::Float64 | ColumnType::BFloat16 | ColumnType::Bool
             )
+    }
+
+    /// Types whose JSON numbers must be read from their exact text: an f64 or
+    /// a 64-bit integer would lose digits.
+    pub fn needs_exact_number(&self) -> bool {
+        matches!(
+            self,
+            ColumnType::Decimal { .. }
+                | ColumnType::Int128
+                | ColumnType::UInt128
+                | ColumnType::Int256
+                | ColumnType::UInt256
+        )
     }
 
     pub fn is_nullable(&self) -> bool {
@@ -118,6 +180,41 @@ impl fmt::Display for ColumnType {
             ColumnType::UInt16 => f.write_str("UInt16"),
             ColumnType::UInt32 => f.write_str("UInt32"),
             ColumnType::UInt64 => f.write_str("UInt64"),
+            ColumnType::Int128 => f.write_str("Int128"),
+            ColumnType::UInt128 => f.write_str("UInt128"),
+            ColumnType::Int256 => f.write_str("Int256"),
+            ColumnType::UInt256 => f.write_str("UInt256"),
+            ColumnType::BFloat16 => f.write_str("BFloat16"),
+            ColumnType::Decimal { precision, scale } => write!(f, "Decimal({precision}, {scale})"),
+            ColumnType::IPv6 => f.write_str("IPv6"),
+            ColumnType::Enum { wide, values } => {
+                f.write_str(if *wide { "Enum16(" } else { "Enum8(" })?;
+                for (i, (name, v)) in values.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(
+                        f,
+                        "'{}' = {v}",
+                        name.replace('\\', "\\\\").replace('\'', "\\'")
+                    )?;
+                }
+                f.write_str(")")
+            }
+            ColumnType::Time => f.write_str("Time"),
+            ColumnType::Time64 { precision } => write!(f, "Time64({precision})"),
+            ColumnType::Variant(vs) => {
+                f.write_str("Variant(")?;
+                for (i, t) in vs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{t}")?;
+                }
+                f.write_str(")")
+            }
+            ColumnType::Dynamic => f.write_str("Dynamic"),
+            ColumnType::Json => f.write_str("JSON"),
             ColumnType::Float32 => f.write_str("Float32"),
             ColumnType::Float64 => f.write_str("Float64"),
             ColumnType::Bool => f.write_str("Bool"),
@@ -159,6 +256,17 @@ impl fmt::Display for ColumnType {
     }
 }
 
+fn point() -> ColumnType {
+    ColumnType::Tuple(vec![
+        (None, ColumnType::Float64),
+        (None, ColumnType::Float64),
+    ])
+}
+
+fn ring() -> ColumnType {
+    ColumnType::Array(Box::new(point()))
+}
+
 /// A small recursive-descent parser over the type grammar ClickHouse prints:
 /// `Name`, `Name(arg, ...)` where an argument is a type, a number or a quoted string.
 struct Parser<'a> {
@@ -170,8 +278,10 @@ enum Arg {
     Type(ColumnType),
     /// A named tuple element: `name Type`.
     Named(String, ColumnType),
-    Number(u64),
+    Number(i64),
     Str(String),
+    /// An Enum element: `'name' = number`.
+    EnumValue(String, i64),
 }
 
 impl Parser<'_> {
@@ -223,22 +333,21 @@ impl Parser<'_> {
                             out.push(*self.s.get(self.pos)?);
                             self.pos += 1;
                         }
-                        b'\'' => return String::from_utf8(out).ok().map(Arg::Str),
+                        b'\'' => {
+                            let text = String::from_utf8(out).ok()?;
+                            if self.eat(b'=') {
+                                self.skip_ws();
+                                let n = self.number()?;
+                                return Some(Arg::EnumValue(text, n));
+                            }
+                            return Some(Arg::Str(text));
+                        }
                         _ => out.push(c),
                     }
                 }
                 None
             }
-            c if c.is_ascii_digit() || *c == b'-' => {
-                let start = self.pos;
-                self.pos += 1;
-                while self.pos < self.s.len() && self.s[self.pos].is_ascii_digit() {
-                    self.pos += 1;
-                }
-                let text = std::str::from_utf8(&self.s[start..self.pos]).ok()?;
-                // Negative numbers only appear in Enum values, which are unsupported here.
-                text.parse().ok().map(Arg::Number)
-            }
+            c if c.is_ascii_digit() || *c == b'-' => self.number().map(Arg::Number),
             _ => {
                 let save = self.pos;
                 let ty = self.parse_type()?;
@@ -252,6 +361,45 @@ impl Parser<'_> {
                 Some(Arg::Type(ty))
             }
         }
+    }
+
+    fn number(&mut self) -> Option<i64> {
+        let start = self.pos;
+        if self.s.get(self.pos) == Some(&b'-') {
+            self.pos += 1;
+        }
+        while self.pos < self.s.len() && self.s[self.pos].is_ascii_digit() {
+            self.pos += 1;
+        }
+        std::str::from_utf8(&self.s[start..self.pos])
+            .ok()?
+            .parse()
+            .ok()
+    }
+
+    /// Skips a parenthesised argument list this parser does not model (the
+    /// JSON type's path hints), honouring quotes and backticks.
+    fn skip_args(&mut self) -> Option<()> {
+        let mut depth = 1;
+        let mut quote = None;
+        while let Some(&c) = self.s.get(self.pos) {
+            self.pos += 1;
+            match (quote, c) {
+                (Some(_), b'\\') => self.pos += 1,
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, b'\'' | b'`' | b'"') => quote = Some(c),
+                (None, b'(') => depth += 1,
+                (None, b')') => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Some(());
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
     }
 
     fn parse_args(&mut self) -> Option<Vec<Arg>> {
@@ -273,6 +421,23 @@ impl Parser<'_> {
     fn parse_type(&mut self) -> Option<ColumnType> {
         let start = self.pos;
         let name = self.ident()?.to_string();
+        if matches!(
+            name.as_str(),
+            "JSON" | "Dynamic" | "AggregateFunction" | "QBit" | "Object"
+        ) {
+            if self.eat(b'(') {
+                self.skip_args()?;
+            }
+            let text = std::str::from_utf8(&self.s[start..self.pos])
+                .ok()?
+                .trim()
+                .to_string();
+            return Some(match name.as_str() {
+                "JSON" => ColumnType::Json,
+                "Dynamic" => ColumnType::Dynamic,
+                _ => ColumnType::Unsupported(text),
+            });
+        }
         let args = if self.eat(b'(') {
             Some(self.parse_args()?)
         } else {
@@ -310,23 +475,137 @@ impl Parser<'_> {
             ("Date", None) => ColumnType::Date,
             ("Date32", None) => ColumnType::Date32,
             ("IPv4", None) => ColumnType::IPv4,
-            ("DateTime", None) => ColumnType::DateTime { tz: None },
-            ("FixedString", Some(a)) => match a.as_slice() {
-                [Arg::Number(n)] => ColumnType::FixedString(usize::try_from(*n).ok()?),
+            ("IPv6", None) => ColumnType::IPv6,
+            ("Int128", None) => ColumnType::Int128,
+            ("UInt128", None) => ColumnType::UInt128,
+            ("Int256", None) => ColumnType::Int256,
+            ("UInt256", None) => ColumnType::UInt256,
+            ("BFloat16", None) => ColumnType::BFloat16,
+            ("Time", None) => ColumnType::Time,
+            ("Time64", Some(a)) => match a.as_slice() {
+                [Arg::Number(p)] if (0..=9).contains(p) => ColumnType::Time64 {
+                    precision: *p as u32,
+                },
                 _ => ColumnType::Unsupported(text.clone()),
             },
-            ("DateTime", Some(a)) => match a.as_slice() {
+            ("DateTime" | "DateTime32", None) => ColumnType::DateTime { tz: None },
+            // The geometry types are names for tuples and arrays of points.
+            ("Point", None) => point(),
+            ("Ring" | "LineString", None) => ring(),
+            ("Polygon" | "MultiLineString", None) => ColumnType::Array(Box::new(ring())),
+            ("MultiPolygon", None) => {
+                ColumnType::Array(Box::new(ColumnType::Array(Box::new(ring()))))
+            }
+            ("MultiPoint", None) => ring(),
+            // Its variants in ClickHouse's (sorted) order.
+            ("Geometry", None) => ColumnType::Variant(
+                [
+                    "LineString",
+                    "MultiLineString",
+                    "MultiPolygon",
+                    "Point",
+                    "Polygon",
+                    "Ring",
+                ]
+                .iter()
+                .map(|t| ColumnType::parse(t))
+                .collect(),
+            ),
+            ("Decimal", Some(a)) => match a.as_slice() {
+                [Arg::Number(p), Arg::Number(s)]
+                    if (1..=76).contains(p) && (0..=*p).contains(s) =>
+                {
+                    ColumnType::Decimal {
+                        precision: *p as u32,
+                        scale: *s as u32,
+                    }
+                }
+                _ => ColumnType::Unsupported(text.clone()),
+            },
+            (d @ ("Decimal32" | "Decimal64" | "Decimal128" | "Decimal256"), Some(a)) => {
+                let precision = match d {
+                    "Decimal32" => 9,
+                    "Decimal64" => 18,
+                    "Decimal128" => 38,
+                    _ => 76,
+                };
+                match a.as_slice() {
+                    [Arg::Number(s)] if (0..=precision).contains(s) => ColumnType::Decimal {
+                        precision: precision as u32,
+                        scale: *s as u32,
+                    },
+                    _ => ColumnType::Unsupported(text.clone()),
+                }
+            }
+            (e @ ("Enum8" | "Enum16"), Some(a)) => {
+                let wide = e == "Enum16";
+                let range = if wide {
+                    i64::from(i16::MIN)..=i64::from(i16::MAX)
+                } else {
+                    i64::from(i8::MIN)..=i64::from(i8::MAX)
+                };
+                let values: Option<Vec<(String, i16)>> = a
+                    .into_iter()
+                    .map(|arg| match arg {
+                        Arg::EnumValue(n, v) if range.contains(&v) => Some((n, v as i16)),
+                        _ => None,
+                    })
+                    .collect();
+                match values {
+                    Some(values) if !values.is_empty() => ColumnType::Enum { wide, values },
+                    _ => ColumnType::Unsupported(text.clone()),
+                }
+            }
+            ("Variant", Some(a)) => {
+                let types: Option<Vec<ColumnType>> = a
+                    .into_iter()
+                    .map(|arg| match arg {
+                        Arg::Type(t) => Some(t),
+                        _ => None,
+                    })
+                    .collect();
+                match types {
+                    Some(t) if !t.is_empty() && t.len() < 255 => ColumnType::Variant(t),
+                    _ => ColumnType::Unsupported(text.clone()),
+                }
+            }
+            // Aggregated with a simple function, stored and inserted as its type.
+            ("SimpleAggregateFunction", Some(mut a)) if a.len() == 2 => match a.pop() {
+                Some(Arg::Type(t)) => t,
+                _ => ColumnType::Unsupported(text.clone()),
+            },
+            // `Nested(a T, b U)` kept whole (flatten_nested = 0) is an array of named tuples.
+            ("Nested", Some(a)) => {
+                let els: Option<Vec<(Option<String>, ColumnType)>> = a
+                    .into_iter()
+                    .map(|arg| match arg {
+                        Arg::Named(n, t) => Some((Some(n), t)),
+                        _ => None,
+                    })
+                    .collect();
+                match els {
+                    Some(els) if !els.is_empty() => {
+                        ColumnType::Array(Box::new(ColumnType::Tuple(els)))
+                    }
+                    _ => ColumnType::Unsupported(text.clone()),
+                }
+            }
+            ("FixedString", Some(a)) => match a.as_slice() {
+                [Arg::Number(n)] if *n > 0 => ColumnType::FixedString(usize::try_from(*n).ok()?),
+                _ => ColumnType::Unsupported(text.clone()),
+            },
+            ("DateTime" | "DateTime32", Some(a)) => match a.as_slice() {
                 [Arg::Str(tz)] => ColumnType::DateTime {
                     tz: Some(tz.clone()),
                 },
                 _ => ColumnType::Unsupported(text.clone()),
             },
             ("DateTime64", Some(a)) => match a.as_slice() {
-                [Arg::Number(p)] if *p <= 9 => ColumnType::DateTime64 {
+                [Arg::Number(p)] if (0..=9).contains(p) => ColumnType::DateTime64 {
                     precision: *p as u32,
                     tz: None,
                 },
-                [Arg::Number(p), Arg::Str(tz)] if *p <= 9 => ColumnType::DateTime64 {
+                [Arg::Number(p), Arg::Str(tz)] if (0..=9).contains(p) => ColumnType::DateTime64 {
                     precision: *p as u32,
                     tz: Some(tz.clone()),
                 },
@@ -445,13 +724,73 @@ mod tests {
             ColumnType::Unsupported("AggregateFunction(uniq, UInt64)".into())
         );
         assert!(!t.is_supported());
-        let nested = ColumnType::parse("Array(Decimal(10, 2))");
+        let nested = ColumnType::parse("Array(AggregateFunction(uniq, UInt64))");
         assert!(!nested.is_supported());
-        assert_eq!(nested.to_string(), "Array(Decimal(10, 2))");
+        assert_eq!(nested.to_string(), "Array(AggregateFunction(uniq, UInt64))");
+        assert!(!ColumnType::parse("QBit(Float32, 8)").is_supported());
+    }
+
+    #[test]
+    fn parses_the_types_of_26x() {
         assert_eq!(
-            ColumnType::parse("Enum8('a' = 1, 'b' = 2)"),
-            ColumnType::Unsupported("Enum8('a' = 1, 'b' = 2)".into())
+            ColumnType::parse("Enum8('b\\'q' = -2, 'a' = 1)"),
+            ColumnType::Enum {
+                wide: false,
+                values: vec![("b'q".into(), -2), ("a".into(), 1)]
+            }
         );
+        assert_eq!(
+            ColumnType::parse("Decimal(76, 20)"),
+            ColumnType::Decimal {
+                precision: 76,
+                scale: 20
+            }
+        );
+        assert_eq!(
+            ColumnType::parse("Decimal64(4)"),
+            ColumnType::Decimal {
+                precision: 18,
+                scale: 4
+            }
+        );
+        assert_eq!(
+            ColumnType::parse("JSON(`a.b` UInt32, SKIP c)"),
+            ColumnType::Json
+        );
+        assert_eq!(
+            ColumnType::parse("Dynamic(max_types=8)"),
+            ColumnType::Dynamic
+        );
+        assert_eq!(
+            ColumnType::parse("SimpleAggregateFunction(sum, UInt64)"),
+            ColumnType::UInt64
+        );
+        assert_eq!(
+            ColumnType::parse("Nested(x UInt8, y String)").to_string(),
+            "Array(Tuple(x UInt8, y String))"
+        );
+        assert_eq!(
+            ColumnType::parse("Variant(Array(UInt8), String, UInt64)"),
+            ColumnType::Variant(vec![
+                ColumnType::Array(Box::new(ColumnType::UInt8)),
+                ColumnType::String,
+                ColumnType::UInt64
+            ])
+        );
+        assert_eq!(
+            ColumnType::parse("MultiPolygon").to_string(),
+            "Array(Array(Array(Tuple(Float64, Float64))))"
+        );
+        assert_eq!(
+            ColumnType::parse("Time64(3)"),
+            ColumnType::Time64 { precision: 3 }
+        );
+        assert_eq!(
+            ColumnType::parse("DateTime32('UTC')").to_string(),
+            "DateTime('UTC')"
+        );
+        assert!(!ColumnType::parse("Decimal(77, 2)").is_supported());
+        assert!(!ColumnType::parse("Enum8('a' = 300)").is_supported());
     }
 
     #[test]
@@ -460,6 +799,9 @@ mod tests {
             "Nullable(DateTime64(3, 'UTC'))",
             "Map(String, Array(Nullable(Int8)))",
             "LowCardinality(String)",
+            "Enum16('x' = 1000, 'y\\'z' = -1)",
+            "Decimal(9, 2)",
+            "Variant(String, UInt64)",
         ] {
             assert_eq!(ColumnType::parse(s).to_string(), s);
         }

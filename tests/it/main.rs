@@ -15,3 +15,4 @@ mod prometheus;
 mod reload;
 mod restarts;
 mod status;
+mod types_roundtrip;
