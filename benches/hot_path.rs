@@ -18,7 +18,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 use chbridge::config::Config;
-use chbridge::decode::{decoder_for, Format, UnknownFields};
+use chbridge::decode::{decoder_for, Decoder};
 use chbridge::kafka::offsets::{OffsetTracker, Ownership, PartitionKey};
 use chbridge::kafka::Record;
 use chbridge::observability::Metrics;
@@ -227,16 +227,37 @@ fn nested(n: usize) -> Workload {
 
 const RECORDS: usize = 10_000;
 
+/// The decoder of a route of `format` (with extra route keys) for `schema`.
+fn decoder(schema: &TableSchema, route: &str) -> Box<dyn Decoder> {
+    let toml = format!(
+        "[kafka]\nbrokers = \"b\"\ngroup_id = \"g\"\n[clickhouse]\n[[routes]]\ntopics = [\"t\"]\ntable = \"{}\"\n{route}\n",
+        schema.table
+    );
+    let config = match Config::parse(&toml) {
+        Ok(c) => c,
+        Err(e) => panic!("bench route: {e}"),
+    };
+    match decoder_for(&config.routes[0], schema, None) {
+        Ok(d) => d,
+        Err(e) => panic!("bench decoder: {e}"),
+    }
+}
+
+fn json_decoder(schema: &TableSchema) -> Box<dyn Decoder> {
+    decoder(schema, "")
+}
+
 fn decode_encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_encode");
     for w in [narrow(RECORDS), wide(RECORDS), nested(RECORDS)] {
         let schema = w.schema();
-        let mut decoder = decoder_for(Format::Json, &schema, UnknownFields::Ignore);
+        let mut decoder = json_decoder(&schema);
         let mut out = Vec::with_capacity(1 << 20);
         // Every record must decode: a benchmark of errors would be meaningless.
         for r in &w.records {
             out.clear();
-            if let Err(e) = decoder.decode(Some(r), &mut out) {
+            if let Err(e) = decoder.decode(&chbridge::kafka::Record::value_only(Some(r)), &mut out)
+            {
                 panic!("{} record does not decode: {e:?}", w.name);
             }
         }
@@ -246,7 +267,7 @@ fn decode_encode(c: &mut Criterion) {
             b.iter(|| {
                 out.clear();
                 for r in &w.records {
-                    let _ = decoder.decode(Some(r), &mut out);
+                    let _ = decoder.decode(&chbridge::kafka::Record::value_only(Some(r)), &mut out);
                 }
                 out.len()
             })
@@ -275,11 +296,7 @@ fn core(schema: &TableSchema) -> Core {
     };
     let (tx, _rx) = tokio::sync::mpsc::channel(2);
     let (_events_tx, events) = std_mpsc::channel();
-    let route = RouteState::new(
-        0,
-        decoder_for(Format::Json, schema, UnknownFields::Ignore),
-        &config.routes[0],
-    );
+    let route = RouteState::new(0, json_decoder(schema), &config.routes[0]);
     Core::new(
         Limits {
             max_rows: usize::MAX,

@@ -12,7 +12,9 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-use crate::decode::{Format, UnknownFields};
+use crate::decode::mapping::ColumnSource;
+use crate::decode::registry::RegistryConfig;
+use crate::decode::{DecodeLimits, Format, UnknownFields};
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -51,6 +53,10 @@ pub struct Config {
     pub delivery: Delivery,
     #[serde(default)]
     pub exactly_once: ExactlyOnceConfig,
+    /// A Confluent-compatible schema registry, for Avro and Protobuf in the
+    /// Confluent wire format.
+    #[serde(default)]
+    pub schema_registry: Option<RegistryConfig>,
 }
 
 /// What chbridge promises about each record reaching its tables.
@@ -209,6 +215,35 @@ pub struct RouteConfig {
     /// Fields that match no column: "ignore" (default) or "error".
     #[serde(default)]
     pub unknown_fields: UnknownFields,
+    /// Where columns come from when not from the top-level field of their own
+    /// name: `col = "a.b"` (a nested field), `{ field = ["a.b", "c"] }`,
+    /// `{ const = 1 }`, `{ meta = "topic" | "partition" | "offset" |
+    /// "timestamp" | "key" | "value" }`, `{ header = "name" }`. See docs/mapping.md.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnSource>,
+    /// Fill a column `a_b` from field `b` of object `a` (separator "_"; "."
+    /// suits Nested columns `n.x`). Off by default.
+    #[serde(default)]
+    pub flatten: Option<String>,
+    /// format = "avro": the reader schema (.avsc), required without
+    /// [schema_registry]. format = "protobuf": a FileDescriptorSet file
+    /// (protoc --include_imports --descriptor_set_out), with `message`.
+    #[serde(default)]
+    pub schema_file: Option<std::path::PathBuf>,
+    /// With [schema_registry] configured, false makes this route read plain
+    /// values (no Confluent framing) with `schema_file` only. Default: true.
+    #[serde(default = "default_true")]
+    pub registry: bool,
+    /// format = "protobuf" with `schema_file`: the full name of the message.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// format = "csv" or "tsv": the names of the fields of a line, in order.
+    /// Default: the table's insertable columns in table order.
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+    /// Limits that make a hostile record a counted, explained failure.
+    #[serde(default)]
+    pub limits: DecodeLimits,
     /// A record that cannot be decoded or converted, or a row ClickHouse
     /// rejects: "dead-letter" (send it to `dead_letter_topic` with headers
     /// saying why, go on), "skip" (log it, count it in

@@ -60,7 +60,8 @@ pub async fn replay(config: &Config, range: &Range) -> Result<Report, String> {
         .await
         .map_err(|e| e.to_string())?;
     let table = schema.to_string();
-    let mut decoder = decode::decoder_for(route.format, &schema, route.unknown_fields);
+    let registry = crate::pipeline::registry(config).map_err(|e| e.to_string())?;
+    let mut decoder = decode::decoder_for(route, &schema, registry.as_ref())?;
     let sql = schema.insert_sql();
     let writer = ClickHouseWriter::new(&config.clickhouse, &config.kafka.group_id);
 
@@ -93,7 +94,17 @@ pub async fn replay(config: &Config, range: &Range) -> Result<Report, String> {
             report.other += 1;
         } else {
             let before = body.len();
-            match decoder.decode(l.value.as_deref(), &mut body) {
+            let original = header(H_TOPIC);
+            let rec = crate::kafka::Record {
+                topic: &original,
+                partition: header(H_PARTITION).parse().unwrap_or(l.partition),
+                offset: header(H_OFFSET).parse().unwrap_or(l.offset),
+                timestamp_ms: None,
+                key: None,
+                value: l.value.as_deref(),
+                headers: None,
+            };
+            match decoder.decode(&rec, &mut body) {
                 Ok(()) => {
                     rows += 1;
                     first.get_or_insert((l.partition, l.offset));

@@ -28,6 +28,7 @@ pub struct JsonDecoder {
     /// record cannot fill (DEFAULT-only) are absent: they always take their default.
     fields: Fields,
     unknown: UnknownFields,
+    limits: super::DecodeLimits,
     scratch: Vec<u8>,
     slots: Vec<Slot>,
 }
@@ -41,7 +42,11 @@ enum Slot {
 }
 
 impl JsonDecoder {
-    pub fn new(table: &TableSchema, unknown: UnknownFields) -> JsonDecoder {
+    pub fn new(
+        table: &TableSchema,
+        unknown: UnknownFields,
+        limits: super::DecodeLimits,
+    ) -> JsonDecoder {
         let mut types = Vec::new();
         let mut names = Vec::new();
         let mut fields = Vec::new();
@@ -65,14 +70,16 @@ impl JsonDecoder {
             names,
             fields: Fields::new(fields),
             unknown,
+            limits,
             scratch: Vec::with_capacity(1024),
         }
     }
 }
 
 impl Decoder for JsonDecoder {
-    fn decode(&mut self, value: Option<&[u8]>, out: &mut Vec<u8>) -> Result<(), RecordError> {
-        let value = match value {
+    fn decode(&mut self, rec: &super::Meta<'_>, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.limits.check(rec.value)?;
+        let value = match rec.value {
             Some(v) if !v.iter().all(u8::is_ascii_whitespace) => v,
             _ => {
                 return Err(RecordError {
@@ -338,6 +345,82 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
             }
         }
         Ok(Filled::Value)
+    }
+}
+
+/// Converts one JSON value given as text to `ty`, as the JSON decoder
+/// converts a field (constants in the config, CSV cells of container types).
+pub fn convert_json(ty: &ColumnType, text: &str, out: &mut Vec<u8>) -> Result<(), ConvertError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let start = out.len();
+    let r = ValueSeed {
+        ty,
+        out,
+        nested: true,
+    }
+    .deserialize(&mut de)
+    .and_then(|_| de.end());
+    r.map_err(|e| {
+        out.truncate(start);
+        ConvertError(e.to_string())
+    })
+}
+
+/// A JSON object's top-level fields, each kept as its text: the mapped JSON
+/// decoder finds nested fields by parsing only the objects on a path.
+pub struct JsonFields<'a> {
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'a> JsonFields<'a> {
+    pub fn parse(text: &'a str) -> Result<JsonFields<'a>, serde_json::Error> {
+        Ok(JsonFields {
+            fields: raw_object(text)?,
+        })
+    }
+}
+
+fn raw_object(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, serde_json::Error> {
+    struct ObjectVisitor;
+    impl<'de> Visitor<'de> for ObjectVisitor {
+        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = Vec::new();
+            while let Some(Key(key)) = map.next_key()? {
+                fields.push((key, map.next_value::<&RawValue>()?));
+            }
+            Ok(fields)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fields = de.deserialize_map(ObjectVisitor)?;
+    de.end()?;
+    Ok(fields)
+}
+
+impl<'a> super::mapping::Fields<'a> for JsonFields<'a> {
+    fn get(&self, path: &[String]) -> Option<super::value::Value<'a>> {
+        let (first, rest) = path.split_first()?;
+        let mut cur: &'a RawValue = self.fields.iter().find(|(n, _)| n == first)?.1;
+        for name in rest {
+            let text: &'a str = cur.get();
+            cur = raw_object(text)
+                .ok()?
+                .into_iter()
+                .find(|(n, _)| n == name)?
+                .1;
+        }
+        Some(super::value::Value::Json(Cow::Borrowed(cur.get())))
+    }
+
+    fn names(&self) -> Vec<Cow<'_, str>> {
+        self.fields
+            .iter()
+            .map(|(n, _)| Cow::Borrowed(&**n))
+            .collect()
     }
 }
 
@@ -607,23 +690,11 @@ impl TypedVisitor<'_> {
     }
 
     fn int<E: de::Error>(mut self, v: i128) -> Result<Filled, E> {
+        if !self.ty.accepts_number() {
+            return self.wrong(&format!("the number {v}"));
+        }
         self.begin();
-        let r = match self.ty {
-            ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
-                encode::write_datetime_int(self.ty, v, self.out)
-            }
-            ColumnType::Date | ColumnType::Date32 => match i64::try_from(v) {
-                Ok(d) => encode::write_date_days(self.ty, d, self.out),
-                Err(_) => Err(ConvertError(format!("{v} is out of range for {}", self.ty))),
-            },
-            ColumnType::Enum { .. } => encode::write_enum_number(self.ty, v, self.out),
-            ColumnType::Time | ColumnType::Time64 { .. } => match v.checked_mul(1_000_000_000) {
-                Some(n) => encode::write_time_nanos(self.ty, n, self.out),
-                None => Err(ConvertError(format!("{v} is out of range for {}", self.ty))),
-            },
-            t if t.is_numeric() => encode::write_int(self.ty, v, self.out),
-            _ => return self.wrong(&format!("the number {v}")),
-        };
+        let r = encode::write_integer(self.ty, v, self.out);
         self.done(r)
     }
 }
@@ -659,44 +730,20 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
     }
 
     fn visit_f64<E: de::Error>(mut self, v: f64) -> Result<Filled, E> {
+        if !self.ty.accepts_number() || matches!(self.ty, ColumnType::Bool) {
+            return self.wrong(&format!("the number {v}"));
+        }
         self.begin();
-        let r = match self.ty {
-            ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
-                encode::write_datetime_secs(self.ty, v, self.out)
-            }
-            t if t.is_numeric() && !matches!(t, ColumnType::Bool) => {
-                encode::write_float(self.ty, v, self.out)
-            }
-            ColumnType::Time | ColumnType::Time64 { .. } if v.is_finite() && v.abs() < 1e7 => {
-                encode::write_time_nanos(self.ty, (v * 1e9).round() as i128, self.out)
-            }
-            _ => return self.wrong(&format!("the number {v}")),
-        };
+        let r = encode::write_f64(self.ty, v, self.out);
         self.done(r)
     }
 
     fn visit_str<E: de::Error>(mut self, v: &str) -> Result<Filled, E> {
+        if !self.ty.accepts_text() {
+            return self.wrong(&format!("the string {v:?}"));
+        }
         self.begin();
-        let r = match self.ty {
-            ColumnType::String => {
-                encode::write_bytes(self.out, v.as_bytes());
-                Ok(())
-            }
-            ColumnType::FixedString(n) => encode::write_fixed_string(*n, v.as_bytes(), self.out),
-            ColumnType::Date | ColumnType::Date32 => encode::write_date_str(self.ty, v, self.out),
-            ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
-                encode::write_datetime_str(self.ty, v, self.out)
-            }
-            ColumnType::Uuid => encode::write_uuid(v, self.out),
-            ColumnType::IPv4 => encode::write_ipv4(v, self.out),
-            ColumnType::IPv6 => encode::write_ipv6(v, self.out),
-            ColumnType::Enum { .. } => encode::write_enum_str(self.ty, v, self.out),
-            ColumnType::Time | ColumnType::Time64 { .. } => {
-                encode::write_time_str(self.ty, v, self.out)
-            }
-            t if t.is_numeric() => encode::write_numeric_str(self.ty, v, self.out),
-            _ => return self.wrong(&format!("the string {v:?}")),
-        };
+        let r = encode::write_str(self.ty, v, self.out);
         self.done(r)
     }
 
@@ -786,9 +833,17 @@ mod tests {
     }
 
     fn decode(cols: &[(&str, &str)], json: &str) -> Result<Vec<u8>, RecordError> {
-        let mut d = JsonDecoder::new(&table(cols), UnknownFields::Ignore);
+        let mut d = JsonDecoder::new(
+            &table(cols),
+            UnknownFields::Ignore,
+            crate::decode::DecodeLimits::default(),
+        );
         let mut out = Vec::new();
-        d.decode(Some(json.as_bytes()), &mut out).map(|()| out)
+        d.decode(
+            &crate::kafka::Record::value_only(Some(json.as_bytes())),
+            &mut out,
+        )
+        .map(|()| out)
     }
 
     #[test]
@@ -818,9 +873,14 @@ mod tests {
         let mut t = table(&[("a", "UInt8")]);
         t.columns[0].default_kind = crate::schema::DefaultKind::Default;
         t.columns[0].default_expression = "7".into();
-        let mut d = JsonDecoder::new(&t, UnknownFields::Ignore);
+        let mut d = JsonDecoder::new(
+            &t,
+            UnknownFields::Ignore,
+            crate::decode::DecodeLimits::default(),
+        );
         let mut out = Vec::new();
-        d.decode(Some(b"{}"), &mut out).unwrap();
+        d.decode(&crate::kafka::Record::value_only(Some(b"{}")), &mut out)
+            .unwrap();
         assert_eq!(out, [1]);
     }
 
@@ -866,9 +926,15 @@ mod tests {
         let mut d = JsonDecoder::new(
             &table(&[("a", "UInt8"), ("b", "UInt8")]),
             UnknownFields::Ignore,
+            crate::decode::DecodeLimits::default(),
         );
         let mut out = vec![42];
-        let e = d.decode(Some(br#"{"a":1,"b":300}"#), &mut out).unwrap_err();
+        let e = d
+            .decode(
+                &crate::kafka::Record::value_only(Some(br#"{"a":1,"b":300}"#)),
+                &mut out,
+            )
+            .unwrap_err();
         assert_eq!(e.kind, RecordErrorKind::Conversion);
         assert_eq!(e.column.as_deref(), Some("b"));
         assert!(e.message.contains("300 is out of range for UInt8"), "{e}");
@@ -890,18 +956,31 @@ mod tests {
             decode(&cols, "{} x").unwrap_err().kind,
             RecordErrorKind::Malformed
         );
-        let mut d = JsonDecoder::new(&table(&cols), UnknownFields::Ignore);
+        let mut d = JsonDecoder::new(
+            &table(&cols),
+            UnknownFields::Ignore,
+            crate::decode::DecodeLimits::default(),
+        );
         assert_eq!(
-            d.decode(None, &mut Vec::new()).unwrap_err().kind,
+            d.decode(&crate::kafka::Record::value_only(None), &mut Vec::new())
+                .unwrap_err()
+                .kind,
             RecordErrorKind::Empty
         );
     }
 
     #[test]
     fn unknown_fields_can_be_errors() {
-        let mut d = JsonDecoder::new(&table(&[("a", "UInt8")]), UnknownFields::Error);
+        let mut d = JsonDecoder::new(
+            &table(&[("a", "UInt8")]),
+            UnknownFields::Error,
+            crate::decode::DecodeLimits::default(),
+        );
         let e = d
-            .decode(Some(br#"{"a":1,"zz":2}"#), &mut Vec::new())
+            .decode(
+                &crate::kafka::Record::value_only(Some(br#"{"a":1,"zz":2}"#)),
+                &mut Vec::new(),
+            )
             .unwrap_err();
         assert_eq!(e.kind, RecordErrorKind::UnknownField);
         assert!(e.message.contains("`zz`"), "{e}");

@@ -24,6 +24,28 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
+    /// A record that is only a value (tests, benchmarks).
+    pub fn value_only(value: Option<&'a [u8]>) -> Record<'a> {
+        Record {
+            topic: "",
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            value,
+            headers: None,
+        }
+    }
+
+    /// The value of the first header called `name`.
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        use rdkafka::message::Headers;
+        self.headers?
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+    }
+
     /// A record the consumer just returned.
     pub fn of(m: &'a BorrowedMessage<'_>) -> Record<'a> {
         Record::with_headers(m, m.headers())

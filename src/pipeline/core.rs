@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OnError};
-use crate::decode::Decoder;
+use crate::decode::{Decoder, RecordErrorKind};
 use crate::exactly_once::{BatchRange, StateStore};
 use crate::kafka::context::Consumer;
 use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
@@ -587,7 +587,7 @@ impl Core {
                 oldest_timestamp_ms: batch.oldest_timestamp_ms,
             };
             batch.last = rec.offset;
-            match route.decoder.decode(rec.value, &mut batch.body) {
+            match route.decoder.decode(rec, &mut batch.body) {
                 Ok(()) => {
                     batch.rows.push(RowOrigin {
                         end: batch.body.len(),
@@ -629,6 +629,26 @@ impl Core {
                         ])
                     });
                     counter.inc();
+                    // Not the record's fault: a schema that does not fit the
+                    // table, or a registry that cannot be reached. Skipping or
+                    // dead-lettering would divert good records; stop without
+                    // committing past it instead, whatever `on_error` says.
+                    if matches!(
+                        error.kind,
+                        RecordErrorKind::Schema | RecordErrorKind::Unavailable
+                    ) {
+                        let what = format!(
+                            "record {}[{}] at offset {} for {}: {error}; nothing at or after it was committed",
+                            rec.topic, rec.partition, rec.offset, table.name
+                        );
+                        self.fatal = Some(if error.kind == RecordErrorKind::Unavailable {
+                            PipelineError::Unavailable(what)
+                        } else {
+                            PipelineError::Config(what)
+                        });
+                        self.take_back_record();
+                        return false;
+                    }
                     if let Some((failed, total)) = route.rate.failure(Instant::now()) {
                         let e = PipelineError::TooManyFailures {
                             route: route_idx,
@@ -1562,12 +1582,20 @@ mod tests {
         let routes = vec![
             RouteState::new(
                 0,
-                Box::new(JsonDecoder::new(&a, UnknownFields::Ignore)),
+                Box::new(JsonDecoder::new(
+                    &a,
+                    UnknownFields::Ignore,
+                    crate::decode::DecodeLimits::default(),
+                )),
                 &route_config(OnError::Skip),
             ),
             RouteState::new(
                 1,
-                Box::new(JsonDecoder::new(&b, UnknownFields::Ignore)),
+                Box::new(JsonDecoder::new(
+                    &b,
+                    UnknownFields::Ignore,
+                    crate::decode::DecodeLimits::default(),
+                )),
                 &route_config(b_policy),
             ),
         ];
@@ -1611,6 +1639,13 @@ mod tests {
             dead_letter_topic: None,
             max_failed_ratio: 0.5,
             failed_window: Duration::from_secs(60),
+            columns: Default::default(),
+            flatten: None,
+            schema_file: None,
+            message: None,
+            fields: None,
+            registry: true,
+            limits: Default::default(),
         }
     }
 

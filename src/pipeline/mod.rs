@@ -101,6 +101,21 @@ const SERVICE_INTERVAL: Duration = Duration::from_millis(2);
 /// take well under a millisecond).
 const CLOCK_EVERY: u32 = 64;
 
+/// The schema registry client, when one is configured.
+pub fn registry(
+    config: &Config,
+) -> Result<Option<std::sync::Arc<decode::registry::Registry>>, PipelineError> {
+    config
+        .schema_registry
+        .as_ref()
+        .map(|cfg| {
+            decode::registry::Registry::new(cfg)
+                .map(std::sync::Arc::new)
+                .map_err(|e| PipelineError::Config(format!("schema_registry: {e}")))
+        })
+        .transpose()
+}
+
 /// Reads the schemas of every route's table, in route order, deduplicated.
 /// Returns the schemas and, per route, the index of its table.
 pub async fn load_tables(
@@ -238,18 +253,18 @@ pub async fn run(
     }
     drop(events_tx);
 
+    let registry = registry(&config)?;
     let routes = config
         .routes
         .iter()
         .zip(&route_tables)
-        .map(|(r, &ti)| {
-            RouteState::new(
-                ti,
-                decode::decoder_for(r.format, &schemas[ti], r.unknown_fields),
-                r,
-            )
+        .enumerate()
+        .map(|(i, (r, &ti))| {
+            let decoder = decode::decoder_for(r, &schemas[ti], registry.as_ref())
+                .map_err(|e| PipelineError::Config(format!("routes[{i}]: {e}")))?;
+            Ok(RouteState::new(ti, decoder, r))
         })
-        .collect();
+        .collect::<Result<_, PipelineError>>()?;
     let topics: Vec<(String, Vec<usize>)> = topic_names
         .iter()
         .map(|t| {

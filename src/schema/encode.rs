@@ -104,6 +104,77 @@ pub fn write_int(ty: &ColumnType, v: i128, out: &mut Vec<u8>) -> ConvertResult {
     }
 }
 
+/// A scalar from an integer: numbers, epoch seconds for date-times, days for
+/// dates, an Enum's number, seconds for Time.
+pub fn write_integer(ty: &ColumnType, v: i128, out: &mut Vec<u8>) -> ConvertResult {
+    match ty {
+        ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
+            write_datetime_int(ty, v, out)
+        }
+        ColumnType::Date | ColumnType::Date32 => match i64::try_from(v) {
+            Ok(d) => write_date_days(ty, d, out),
+            Err(_) => err(format!("{v} is out of range for {ty}")),
+        },
+        ColumnType::Enum { .. } => write_enum_number(ty, v, out),
+        ColumnType::Time | ColumnType::Time64 { .. } => match v.checked_mul(1_000_000_000) {
+            Some(n) => write_time_nanos(ty, n, out),
+            None => err(format!("{v} is out of range for {ty}")),
+        },
+        ColumnType::Decimal { .. } => write_decimal_str(ty, &v.to_string(), out),
+        ColumnType::String => {
+            write_bytes(out, v.to_string().as_bytes());
+            Ok(())
+        }
+        t if t.is_numeric() => write_int(ty, v, out),
+        _ => err(format!("a number cannot be {ty}")),
+    }
+}
+
+/// A scalar from a floating-point number.
+pub fn write_f64(ty: &ColumnType, v: f64, out: &mut Vec<u8>) -> ConvertResult {
+    match ty {
+        ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
+            write_datetime_secs(ty, v, out)
+        }
+        ColumnType::Time | ColumnType::Time64 { .. } if v.is_finite() && v.abs() < 1e7 => {
+            write_time_nanos(ty, (v * 1e9).round() as i128, out)
+        }
+        ColumnType::String => {
+            write_bytes(out, v.to_string().as_bytes());
+            Ok(())
+        }
+        t if t.is_numeric() && !matches!(t, ColumnType::Bool)
+            || matches!(t, ColumnType::Decimal { .. }) =>
+        {
+            write_float(ty, v, out)
+        }
+        _ => err(format!("the number {v} cannot be {ty}")),
+    }
+}
+
+/// A scalar from text, parsed as ClickHouse parses that type's text.
+pub fn write_str(ty: &ColumnType, v: &str, out: &mut Vec<u8>) -> ConvertResult {
+    match ty {
+        ColumnType::String => {
+            write_bytes(out, v.as_bytes());
+            Ok(())
+        }
+        ColumnType::FixedString(n) => write_fixed_string(*n, v.as_bytes(), out),
+        ColumnType::Date | ColumnType::Date32 => write_date_str(ty, v, out),
+        ColumnType::DateTime { .. } | ColumnType::DateTime64 { .. } => {
+            write_datetime_str(ty, v, out)
+        }
+        ColumnType::Uuid => write_uuid(v, out),
+        ColumnType::IPv4 => write_ipv4(v, out),
+        ColumnType::IPv6 => write_ipv6(v, out),
+        ColumnType::Enum { .. } => write_enum_str(ty, v, out),
+        ColumnType::Time | ColumnType::Time64 { .. } => write_time_str(ty, v, out),
+        ColumnType::Decimal { .. } => write_decimal_str(ty, v, out),
+        t if t.is_numeric() => write_numeric_str(ty, v, out),
+        _ => err(format!("the string {v:?} cannot be {ty}")),
+    }
+}
+
 /// BFloat16 is the upper half of a Float32; ClickHouse truncates the lower half.
 fn write_bfloat16(v: f32, out: &mut Vec<u8>) {
     out.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
@@ -705,7 +776,7 @@ fn scale(precision: u32) -> i128 {
 
 /// Writes a DateTime or DateTime64 value given as nanoseconds since the epoch,
 /// truncating below the column's precision as ClickHouse does.
-fn write_nanos(ty: &ColumnType, nanos: i128, out: &mut Vec<u8>) -> ConvertResult {
+pub fn write_nanos(ty: &ColumnType, nanos: i128, out: &mut Vec<u8>) -> ConvertResult {
     match ty {
         ColumnType::DateTime { .. } => {
             let secs = nanos.div_euclid(1_000_000_000);

@@ -147,6 +147,35 @@ impl ColumnType {
             )
     }
 
+    /// Scalar types a number converts to (see `encode::write_integer`).
+    pub fn accepts_number(&self) -> bool {
+        self.is_numeric()
+            || matches!(
+                self,
+                ColumnType::DateTime { .. }
+                    | ColumnType::DateTime64 { .. }
+                    | ColumnType::Date
+                    | ColumnType::Date32
+                    | ColumnType::Enum { .. }
+                    | ColumnType::Time
+                    | ColumnType::Time64 { .. }
+                    | ColumnType::Decimal { .. }
+            )
+    }
+
+    /// Scalar types text converts to (see `encode::write_str`).
+    pub fn accepts_text(&self) -> bool {
+        self.accepts_number()
+            || matches!(
+                self,
+                ColumnType::String
+                    | ColumnType::FixedString(_)
+                    | ColumnType::Uuid
+                    | ColumnType::IPv4
+                    | ColumnType::IPv6
+            )
+    }
+
     /// Types whose JSON numbers must be read from their exact text: an f64 or
     /// a 64-bit integer would lose digits.
     pub fn needs_exact_number(&self) -> bool {

@@ -11,6 +11,7 @@ mod clickhouse_outage;
 mod dead_letters;
 mod end_to_end;
 mod exactly_once;
+mod formats;
 mod prometheus;
 mod reload;
 mod restarts;
