@@ -569,17 +569,8 @@ fn write_dynamic<E: de::Error>(text: &str, out: &mut Vec<u8>) -> Result<(), E> {
             encode::write_varint(out, items.len() as u64);
             for item in items {
                 match item {
-                    serde_json::Value::Null => {
-                        out.push(1);
-                        encode::write_zero(
-                            &match code {
-                                t::BOOL => ColumnType::Bool,
-                                t::STRING => ColumnType::String,
-                                _ => ColumnType::Int64,
-                            },
-                            out,
-                        );
-                    }
+                    // A NULL element of a Nullable array is its flag alone.
+                    serde_json::Value::Null => out.push(1),
                     v => {
                         if nulls {
                             out.push(0);

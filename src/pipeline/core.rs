@@ -27,7 +27,9 @@ use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{FastMap, FastSet, OffsetTracker, Ownership, PartitionKey, Segment};
 use crate::kafka::Record;
 use crate::observability::Metrics;
+use crate::schema::drift::Versioned;
 use crate::sink::{InsertError, ReadyBatch, RowOrigin, SinkEvent};
+use tokio::sync::watch;
 
 use super::PipelineError;
 
@@ -99,6 +101,8 @@ pub struct TopicState {
 pub struct RouteState {
     pub table: usize,
     pub decoder: Box<dyn Decoder>,
+    /// To build the decoder again when the table changes.
+    config: crate::config::RouteConfig,
     pub on_error: OnError,
     pub dead_letter_topic: Option<String>,
     /// Failure counters by reason, created on first use.
@@ -228,6 +232,7 @@ struct OpenBatch {
     last: i64,
     /// Exactly-once: a range a previous owner recorded, cut at exactly its end.
     replay_last: Option<i64>,
+    schema_version: u64,
 }
 
 /// Exactly-once: what the state table says of a (table, partition) newly
@@ -261,6 +266,10 @@ pub struct TableState {
     /// Encoded bytes of this table's open, waiting and in-flight batches.
     buffered: usize,
     recovery: FastMap<PartitionKey, Recovery>,
+    /// The schema version the routes' decoders encode for, and where the
+    /// sink announces a new one.
+    schema_version: u64,
+    schema_feed: Option<watch::Receiver<Versioned>>,
 }
 
 impl TableState {
@@ -273,7 +282,16 @@ impl TableState {
             capacity_hint: 64 * 1024,
             buffered: 0,
             recovery: FastMap::default(),
+            schema_version: 0,
+            schema_feed: None,
         }
+    }
+
+    /// Follows the table's schema as its sink sees it (schema drift).
+    pub fn with_schema_feed(mut self, feed: watch::Receiver<Versioned>) -> TableState {
+        self.schema_version = feed.borrow().version;
+        self.schema_feed = Some(feed);
+        self
     }
 
     fn batch_index(&self, partition: Option<PartitionKey>) -> Option<usize> {
@@ -338,6 +356,7 @@ impl RouteState {
         RouteState {
             table,
             decoder,
+            config: route.clone(),
             on_error: route.on_error,
             dead_letter_topic: route.dead_letter_topic.clone(),
             failed: HashMap::new(),
@@ -392,6 +411,8 @@ pub struct Core {
     stopped_topics: BTreeSet<u32>,
     watchdog: Watchdog,
     reloads: Option<std_mpsc::Receiver<Reload>>,
+    /// For decoders built again after a table changed.
+    registry: Option<Arc<crate::decode::registry::Registry>>,
     metrics: Arc<Metrics>,
 }
 
@@ -468,6 +489,7 @@ impl Core {
             exactly_once: shared.exactly_once,
             recovered: FastSet::default(),
             stopped_topics: BTreeSet::new(),
+            registry: None,
             watchdog: Watchdog::default(),
             reloads: shared.reloads,
             metrics,
@@ -572,6 +594,7 @@ impl Core {
                         first,
                         last: rec.offset,
                         replay_last,
+                        schema_version: table.schema_version,
                     });
                     (table.open.len() - 1, true)
                 }
@@ -840,6 +863,7 @@ impl Core {
             segments: b.segments,
             oldest_timestamp_ms: b.oldest_timestamp_ms,
             range,
+            schema_version: b.schema_version,
         });
         self.send_waiting(ti);
     }
@@ -980,6 +1004,50 @@ impl Core {
     /// whose failure window or ratio changed starts its window afresh; the
     /// others keep counting (a reload that only touched batching must not
     /// forget a route's recent failures).
+    /// The decoders to use the registry when they are built again.
+    pub fn set_registry(&mut self, registry: Option<Arc<crate::decode::registry::Registry>>) {
+        self.registry = registry;
+    }
+
+    /// A table changed (its sink saw a new schema): the open batches close
+    /// with the rows encoded so far (the sink re-encodes them for the new
+    /// columns), and the table's routes decode for the new columns from the
+    /// next record on. A batch replaying a recorded range must end exactly
+    /// at the range's end, so the change waits until it has.
+    fn follow_schema(&mut self, ti: usize) {
+        let t = &mut self.tables[ti];
+        let Some(feed) = t.schema_feed.as_mut() else {
+            return;
+        };
+        if !feed.has_changed().unwrap_or(false) || t.open.iter().any(|b| b.replay_last.is_some()) {
+            return;
+        }
+        let v = feed.borrow_and_update().clone();
+        if v.version == t.schema_version {
+            return;
+        }
+        while !self.tables[ti].open.is_empty() {
+            self.close_batch(ti, 0);
+        }
+        for (i, route) in self.routes.iter_mut().enumerate() {
+            if route.table != ti {
+                continue;
+            }
+            match crate::decode::decoder_for(&route.config, &v.schema, self.registry.as_ref()) {
+                Ok(d) => route.decoder = d,
+                Err(e) => {
+                    self.fatal = Some(PipelineError::Config(format!(
+                        "routes[{i}]: table {} changed and the route no longer fits it: {e}",
+                        v.schema
+                    )));
+                    return;
+                }
+            }
+        }
+        self.tables[ti].schema_version = v.version;
+        tracing::info!(table = %v.schema, version = v.version, "decoding for the table's new columns");
+    }
+
     fn reload(&mut self, r: Reload) {
         self.limits.max_rows = r.max_rows;
         self.limits.max_bytes = r.max_bytes;
@@ -1008,6 +1076,9 @@ impl Core {
         }
         while let Some(r) = self.reloads.as_ref().and_then(|rx| rx.try_recv().ok()) {
             self.reload(r);
+        }
+        for ti in 0..self.tables.len() {
+            self.follow_schema(ti);
         }
         let now = Instant::now();
         for route in &mut self.routes {

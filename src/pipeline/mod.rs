@@ -225,7 +225,9 @@ pub async fn run(
         let (policy_tx, policies) =
             watch::channel(row_policies(&config, &route_tables, &topic_names, ti));
         policy_txs.push(policy_tx);
+        let (watch, feed) = sink::SchemaWatch::new(client.clone(), s.clone());
         let sink = TableSink {
+            schema: Some(watch),
             writer: writer.clone(),
             table_name: s.to_string(),
             sql: s.insert_sql(),
@@ -248,7 +250,7 @@ pub async fn run(
             .flat_map(|(i, r)| r.topics.iter().map(move |t| (i, t.as_str(), r.on_error)))
             .collect();
         metrics.init_table(&s.to_string(), &into_table);
-        tables.push(TableState::new(s.to_string(), tx));
+        tables.push(TableState::new(s.to_string(), tx).with_schema_feed(feed));
         tracing::info!(table = %s, columns = s.insert_columns().count(), "target table ready");
     }
     drop(events_tx);
@@ -294,7 +296,7 @@ pub async fn run(
             health: health.clone(),
         }),
     };
-    let core = Core::new(
+    let mut core = Core::new(
         Limits::from_config(&config),
         topics,
         routes,
@@ -303,6 +305,7 @@ pub async fn run(
         shared,
         metrics.clone(),
     );
+    core.set_registry(registry);
 
     let consumer: Consumer = crate::kafka::client_config(&config.kafka)
         .create_with_context(BridgeContext::new(core, metrics.clone(), health.clone()))

@@ -1,6 +1,7 @@
 //! Target tables: their columns as ClickHouse reports them, which of them an
 //! insert names, and how each is filled from a record.
 
+pub mod drift;
 pub mod encode;
 pub mod types;
 

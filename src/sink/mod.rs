@@ -35,6 +35,8 @@ pub struct ReadyBatch {
     pub oldest_timestamp_ms: Option<i64>,
     /// Exactly-once: the offset range of the one partition the batch covers.
     pub range: Option<BatchRange>,
+    /// The table schema version the rows were encoded for.
+    pub schema_version: u64,
 }
 
 /// Where a row's encoding ends in its batch's body, and its record.
@@ -217,6 +219,146 @@ pub struct TableSink<W> {
     pub state: Option<StateStore>,
     pub group: String,
     pub ownership: Arc<Ownership>,
+    /// Follows the table's columns (schema drift); None in unit tests.
+    pub schema: Option<SchemaWatch>,
+}
+
+/// A sink's view of its table's columns: checked before every batch's
+/// insert, so that rows encoded for columns that changed since are
+/// re-encoded (schema/drift.rs) instead of being misread.
+pub struct SchemaWatch {
+    pub client: clickhouse::Client,
+    pub database: String,
+    pub table: String,
+    /// Every version since start, the current one last (batches of any of
+    /// them may still be queued).
+    pub versions: Vec<crate::schema::drift::Versioned>,
+    /// Announces a new version to the consumer thread's decoders.
+    pub announce: tokio::sync::watch::Sender<crate::schema::drift::Versioned>,
+}
+
+impl SchemaWatch {
+    pub fn new(
+        client: clickhouse::Client,
+        schema: crate::schema::TableSchema,
+    ) -> (
+        SchemaWatch,
+        tokio::sync::watch::Receiver<crate::schema::drift::Versioned>,
+    ) {
+        let v = crate::schema::drift::Versioned {
+            version: 0,
+            schema: Arc::new(schema),
+        };
+        let (announce, feed) = tokio::sync::watch::channel(v.clone());
+        (
+            SchemaWatch {
+                client,
+                database: v.schema.database.clone(),
+                table: v.schema.table.clone(),
+                versions: vec![v],
+                announce,
+            },
+            feed,
+        )
+    }
+
+    fn current(&self) -> &crate::schema::drift::Versioned {
+        &self.versions[self.versions.len() - 1]
+    }
+
+    /// Reads the table's columns; a change becomes a new version. A failure
+    /// to read is not an error here: the insert that follows meets the same
+    /// outage and retries.
+    async fn refresh(&mut self) {
+        let now = match crate::schema::load_table(&self.client, &self.database, &self.table).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(table = %self.current().schema, error = %e, "could not check the table's columns");
+                return;
+            }
+        };
+        if !crate::schema::drift::changed(&self.current().schema, &now) {
+            return;
+        }
+        let v = crate::schema::drift::Versioned {
+            version: self.current().version + 1,
+            schema: Arc::new(now),
+        };
+        let problems = v.schema.problems();
+        tracing::warn!(
+            table = %v.schema,
+            version = v.version,
+            columns = %v.schema.insert_columns().map(|c| format!("{} {}", c.name, c.type_text)).collect::<Vec<_>>().join(", "),
+            problems = %problems.join("; "),
+            "the table's columns changed: pending rows are re-encoded, new records decoded for the new columns"
+        );
+        self.versions.push(v.clone());
+        self.announce.send_replace(v);
+    }
+
+    /// Brings `batch` to the current version. An error names the record whose
+    /// pending value cannot be carried over.
+    fn upgrade(&self, batch: &mut ReadyBatch, topics: &[String]) -> Result<(), InsertError> {
+        let current = self.current();
+        if batch.schema_version == current.version {
+            return Ok(());
+        }
+        let Some(old) = self
+            .versions
+            .iter()
+            .find(|v| v.version == batch.schema_version)
+        else {
+            return Err(InsertError {
+                message: format!(
+                    "internal: no schema version {} of {}",
+                    batch.schema_version, current.schema
+                ),
+                class: ErrorClass::Fatal,
+                code: None,
+            });
+        };
+        let (t, renames) = crate::schema::drift::Transcoder::new(&old.schema, &current.schema);
+        let ends: Vec<usize> = batch.rows.iter().map(|r| r.end).collect();
+        match t.transcode(&batch.body, &ends) {
+            Ok((body, ends)) => {
+                for (row, end) in batch.rows.iter_mut().zip(ends) {
+                    row.end = end;
+                }
+                batch.body = Bytes::from(body);
+                batch.schema_version = current.version;
+                tracing::info!(
+                    table = %current.schema,
+                    rows = batch.rows.len(),
+                    from = old.version,
+                    to = current.version,
+                    renamed = ?renames,
+                    "re-encoded a pending batch for the table's new columns"
+                );
+                Ok(())
+            }
+            Err((row, why)) => {
+                let origin = batch.rows.get(row).map(|r| {
+                    format!(
+                        "{}[{}] at offset {}",
+                        topics.get(r.key.topic as usize).map_or("?", String::as_str),
+                        r.key.partition,
+                        r.offset
+                    )
+                });
+                Err(InsertError {
+                    message: format!(
+                        "table {} changed while record {} waited to be inserted: {why}; \
+                         nothing at or after it was committed, and after a restart it is \
+                         decoded for the new columns (and handled by the route's on_error)",
+                        current.schema,
+                        origin.unwrap_or_default()
+                    ),
+                    class: ErrorClass::Fatal,
+                    code: None,
+                })
+            }
+        }
+    }
 }
 
 /// A row ClickHouse refused on its own.
@@ -229,17 +371,17 @@ impl<W: Writer> TableSink<W> {
     /// Inserts batches in the order received until the channel closes or
     /// `cancel` fires. Reports every outcome on `events`.
     pub async fn run(
-        self,
+        mut self,
         mut batches: mpsc::Receiver<ReadyBatch>,
         events: std_mpsc::Sender<SinkEvent>,
         cancel: CancellationToken,
     ) {
-        while let Some(batch) = tokio::select! {
+        while let Some(mut batch) = tokio::select! {
             b = batches.recv() => b,
             _ = cancel.cancelled() => None,
         } {
             let outcome = tokio::select! {
-                r = self.deliver(&batch) => r,
+                r = self.follow_and_deliver(&mut batch) => r,
                 _ = cancel.cancelled() => return,
             };
             let (event, failed) = match outcome {
@@ -252,6 +394,39 @@ impl<W: Writer> TableSink<W> {
             // batch's recorded range would claim the failed one had landed.
             if events.send(event).is_err() || failed {
                 return;
+            }
+        }
+    }
+
+    /// Checks the table's columns, re-encodes the batch if they changed, and
+    /// delivers it. A refusal that a change made between the check and the
+    /// insert could explain is checked once more.
+    async fn follow_and_deliver(
+        &mut self,
+        batch: &mut ReadyBatch,
+    ) -> Result<Option<usize>, InsertError> {
+        if self.schema.is_none() {
+            return self.deliver(batch).await;
+        }
+        let mut checked_again = false;
+        loop {
+            if let Some(w) = self.schema.as_mut() {
+                w.refresh().await;
+                w.upgrade(batch, &self.topics)?;
+                self.sql = w.current().schema.insert_sql();
+            }
+            match self.deliver(batch).await {
+                Err(e) if !checked_again && e.class != ErrorClass::Transient => {
+                    let before = self.schema.as_ref().map(|w| w.current().version);
+                    if let Some(w) = self.schema.as_mut() {
+                        w.refresh().await;
+                    }
+                    if self.schema.as_ref().map(|w| w.current().version) == before {
+                        return Err(e);
+                    }
+                    checked_again = true;
+                }
+                other => return other,
             }
         }
     }
@@ -842,6 +1017,7 @@ mod tests {
 
     fn sink_with<W: Writer>(writer: W, max_attempts: u32) -> TableSink<W> {
         TableSink {
+            schema: None,
             writer: Arc::new(writer),
             table_name: "db.t".into(),
             sql: "INSERT".into(),
@@ -885,6 +1061,7 @@ mod tests {
             segments: vec![],
             oldest_timestamp_ms: None,
             range: None,
+            schema_version: 0,
         }
     }
 

@@ -9,6 +9,7 @@ mod bad_records;
 mod check;
 mod clickhouse_outage;
 mod dead_letters;
+mod drift;
 mod end_to_end;
 mod exactly_once;
 mod formats;

@@ -329,7 +329,9 @@ impl Ty {
                 3 => format!("{}.5", r.random_range(-1000..1000)),
                 _ => "null".into(),
             },
-            Ty::Dynamic => match r.random_range(0..5) {
+            Ty::Dynamic => match r.random_range(0..7) {
+                5 => format!("[{},null,{}]", r.random_range(-9..9), r.random_range(-9..9)),
+                6 => format!("[\"a{}\",\"b\"]", r.random_range(0..9)),
                 0 => format!("\"s{}x\"", r.random_range(0..1000)),
                 1 => r.random_range(-1_000_000i64..1_000_000).to_string(),
                 2 => format!("{}.25", r.random_range(-1000..1000)),
