@@ -108,10 +108,14 @@ impl Decoder for JsonDecoder {
                 scratch: &mut self.scratch,
                 slots: &mut self.slots,
                 current: &mut current,
+                limits: &self.limits,
             })
             .and_then(|()| de.end());
         if let Err(e) = parsed {
             let kind = match e.classify() {
+                serde_json::error::Category::Data if e.to_string().starts_with(LIMIT) => {
+                    RecordErrorKind::Limit
+                }
                 serde_json::error::Category::Data if current.is_some() => {
                     RecordErrorKind::Conversion
                 }
@@ -197,6 +201,7 @@ struct RowVisitor<'a> {
     scratch: &'a mut Vec<u8>,
     slots: &'a mut [Slot],
     current: &'a mut Option<usize>,
+    limits: &'a super::DecodeLimits,
 }
 
 impl<'de> Visitor<'de> for RowVisitor<'_> {
@@ -215,7 +220,7 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
                     let filled = map.next_value_seed(ValueSeed {
                         ty: &self.types[i],
                         out: self.scratch,
-                        nested: false,
+                        at: Depth::top(self.limits),
                     })?;
                     self.slots[i] = match filled {
                         Filled::Value => Slot::Value(start, self.scratch.len()),
@@ -269,9 +274,72 @@ enum Filled {
 struct ValueSeed<'a> {
     ty: &'a ColumnType,
     out: &'a mut Vec<u8>,
-    /// Inside an array or map, where there is no column default: a null for a
-    /// non-Nullable type becomes the type's zero value.
-    nested: bool,
+    /// How deep inside the record (inside an array or map there is no column
+    /// default: a null for a non-Nullable type becomes the type's zero value).
+    at: Depth,
+}
+
+/// A value's nesting level and the limits that bound what a record may make
+/// the decoder do (`routes.limits`).
+#[derive(Clone, Copy)]
+struct Depth {
+    level: u32,
+    max_depth: u32,
+    max_array_len: usize,
+    max_string_bytes: usize,
+}
+
+/// Limit errors start with this, to be counted as `limit` failures.
+const LIMIT: &str = "limit:";
+
+impl Depth {
+    fn top(limits: &super::DecodeLimits) -> Depth {
+        Depth {
+            level: 0,
+            max_depth: u32::try_from(limits.max_depth).unwrap_or(u32::MAX),
+            max_array_len: limits.max_array_len,
+            max_string_bytes: usize::try_from(limits.max_string_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+        }
+    }
+
+    fn nested(&self) -> bool {
+        self.level > 0
+    }
+
+    /// One level further in, if the limit allows.
+    fn inner<E: de::Error>(self) -> Result<Depth, E> {
+        if self.level >= self.max_depth {
+            return Err(E::custom(format!(
+                "{LIMIT} nested deeper than limits.max_depth ({})",
+                self.max_depth
+            )));
+        }
+        Ok(Depth {
+            level: self.level + 1,
+            ..self
+        })
+    }
+
+    fn string<E: de::Error>(&self, len: usize) -> Result<(), E> {
+        if len > self.max_string_bytes {
+            return Err(E::custom(format!(
+                "{LIMIT} a string of {len} bytes is longer than limits.max_string_bytes ({})",
+                self.max_string_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn count<E: de::Error>(&self, n: u64) -> Result<(), E> {
+        if n > self.max_array_len as u64 {
+            return Err(E::custom(format!(
+                "{LIMIT} more than limits.max_array_len ({}) elements",
+                self.max_array_len
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Strips the wrappers that do not change how a value is written (LowCardinality)
@@ -298,7 +366,7 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
                 ty: base,
                 nullable,
                 out: self.out,
-                nested: self.nested,
+                at: self.at,
             });
         }
         // These types need the value's exact text: strings keep the text of
@@ -307,6 +375,7 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
         // keep every digit, and Variant and Dynamic choose a type from it.
         let raw = <&RawValue as de::Deserialize>::deserialize(d)?;
         let text = raw.get();
+        self.at.string(text.len())?;
         if text == "null" {
             return Ok(self.null(base, nullable));
         }
@@ -329,7 +398,7 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
                     "expected a JSON object for JSON, got {text}"
                 )))
             }
-            ColumnType::Variant(variants) => write_variant(variants, text, self.out)?,
+            ColumnType::Variant(variants) => write_variant(variants, text, self.out, self.at)?,
             ColumnType::Dynamic => write_dynamic(text, self.out)?,
             _ => {
                 let r = if text.starts_with('"') {
@@ -353,13 +422,13 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
 pub fn convert_json(ty: &ColumnType, text: &str, out: &mut Vec<u8>) -> Result<(), ConvertError> {
     let mut de = serde_json::Deserializer::from_str(text);
     let start = out.len();
-    let r = ValueSeed {
-        ty,
-        out,
-        nested: true,
-    }
-    .deserialize(&mut de)
-    .and_then(|_| de.end());
+    let at = Depth {
+        level: 1,
+        ..Depth::top(&super::DecodeLimits::default())
+    };
+    let r = ValueSeed { ty, out, at }
+        .deserialize(&mut de)
+        .and_then(|_| de.end());
     r.map_err(|e| {
         out.truncate(start);
         ConvertError(e.to_string())
@@ -445,6 +514,7 @@ fn write_variant<E: de::Error>(
     variants: &[ColumnType],
     text: &str,
     out: &mut Vec<u8>,
+    at: Depth,
 ) -> Result<(), E> {
     let quoted = text.starts_with('"');
     let whole = !quoted && !text.contains(['.', 'e', 'E']);
@@ -480,7 +550,10 @@ fn write_variant<E: de::Error>(
         let seed = ValueSeed {
             ty,
             out,
-            nested: true,
+            at: Depth {
+                level: at.level.max(1),
+                ..at
+            },
         };
         match seed.deserialize(&mut de) {
             Ok(_) => return Ok(()),
@@ -604,7 +677,7 @@ fn write_dynamic<E: de::Error>(text: &str, out: &mut Vec<u8>) -> Result<(), E> {
 
 impl ValueSeed<'_> {
     fn null(self, base: &ColumnType, nullable: bool) -> Filled {
-        null_value(base, nullable, self.nested, self.out)
+        null_value(base, nullable, self.at.nested(), self.out)
     }
 }
 
@@ -624,7 +697,7 @@ struct TypedVisitor<'a> {
     ty: &'a ColumnType,
     nullable: bool,
     out: &'a mut Vec<u8>,
-    nested: bool,
+    at: Depth,
 }
 
 impl TypedVisitor<'_> {
@@ -639,6 +712,7 @@ impl TypedVisitor<'_> {
         if els.iter().any(|(name, _)| name.is_none()) {
             return self.wrong("an object (the tuple's elements have no names)");
         }
+        let inner = self.at.inner()?;
         let mut values: Vec<Option<Vec<u8>>> = vec![None; els.len()];
         while let Some(Key(key)) = map.next_key()? {
             match els.iter().position(|(n, _)| n.as_deref() == Some(&*key)) {
@@ -647,7 +721,7 @@ impl TypedVisitor<'_> {
                     map.next_value_seed(ValueSeed {
                         ty: &els[i].1,
                         out: &mut buf,
-                        nested: true,
+                        at: inner,
                     })?;
                     values[i] = Some(buf);
                 }
@@ -698,7 +772,12 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Filled, E> {
-        Ok(null_value(self.ty, self.nullable, self.nested, self.out))
+        Ok(null_value(
+            self.ty,
+            self.nullable,
+            self.at.nested(),
+            self.out,
+        ))
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Filled, E> {
@@ -730,6 +809,7 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
     }
 
     fn visit_str<E: de::Error>(mut self, v: &str) -> Result<Filled, E> {
+        self.at.string(v.len())?;
         if !self.ty.accepts_text() {
             return self.wrong(&format!("the string {v:?}"));
         }
@@ -741,12 +821,13 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Filled, A::Error> {
         if let ColumnType::Tuple(els) = self.ty {
             // A tuple from an array: its elements in order, all of them.
+            let inner = self.at.inner()?;
             self.begin();
             for (i, (_, ty)) in els.iter().enumerate() {
                 let seed = ValueSeed {
                     ty,
                     out: self.out,
-                    nested: true,
+                    at: inner,
                 };
                 if seq.next_element_seed(seed)?.is_none() {
                     return Err(de::Error::custom(format!(
@@ -768,6 +849,7 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
         let ColumnType::Array(elem) = self.ty else {
             return self.wrong("an array");
         };
+        let inner = self.at.inner()?;
         self.begin();
         let start = self.out.len();
         let mut count = 0u64;
@@ -775,11 +857,12 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
             .next_element_seed(ValueSeed {
                 ty: elem,
                 out: self.out,
-                nested: true,
+                at: inner,
             })?
             .is_some()
         {
             count += 1;
+            self.at.count(count)?;
         }
         encode::insert_len_prefix(self.out, start, count);
         Ok(Filled::Value)
@@ -792,6 +875,7 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
         let ColumnType::Map(key_ty, value_ty) = self.ty else {
             return self.wrong("an object");
         };
+        let inner = self.at.inner()?;
         self.begin();
         let start = self.out.len();
         let mut count = 0u64;
@@ -800,15 +884,16 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
                 ty: base_type(key_ty).0,
                 nullable: false,
                 out: self.out,
-                nested: true,
+                at: inner,
             }
             .visit_str::<A::Error>(&key)?;
             map.next_value_seed(ValueSeed {
                 ty: value_ty,
                 out: self.out,
-                nested: true,
+                at: inner,
             })?;
             count += 1;
+            self.at.count(count)?;
         }
         encode::insert_len_prefix(self.out, start, count);
         Ok(Filled::Value)

@@ -2,6 +2,8 @@
 //! table. One file per input format; each implements [`Decoder`].
 
 pub mod avro;
+#[cfg(test)]
+mod hostile;
 pub mod json;
 pub mod mapping;
 pub mod protobuf;
