@@ -256,7 +256,7 @@ fn decode_encode(c: &mut Criterion) {
         // Every record must decode: a benchmark of errors would be meaningless.
         for r in &w.records {
             out.clear();
-            if let Err(e) = decoder.decode(&chbridge::kafka::Record::value_only(Some(r)), &mut out)
+            if let Err(e) = decoder.decode(&Record::value_only(Some(r)), &mut out)
             {
                 panic!("{} record does not decode: {e:?}", w.name);
             }
@@ -267,7 +267,7 @@ fn decode_encode(c: &mut Criterion) {
             b.iter(|| {
                 out.clear();
                 for r in &w.records {
-                    let _ = decoder.decode(&chbridge::kafka::Record::value_only(Some(r)), &mut out);
+                    let _ = decoder.decode(&Record::value_only(Some(r)), &mut out);
                 }
                 out.len()
             })
@@ -389,5 +389,168 @@ fn offset_tracking(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_encode, batch_building, offset_tracking);
+/// The narrow workload's records in every input format, decoded and encoded
+/// by the route decoder of that format (the same code path as the bridge).
+fn formats(c: &mut Criterion) {
+    use apache_avro::types::Value as Av;
+    use prost_reflect::prost::Message as _;
+    use prost_reflect::{DynamicMessage, Value as P};
+
+    let w = narrow(RECORDS);
+    let schema = w.schema();
+    let parsed: Vec<serde_json::Value> = w
+        .records
+        .iter()
+        .map(|r| serde_json::from_slice(r).unwrap_or_default())
+        .collect();
+    let field = |v: &serde_json::Value, k: &str| v.get(k).cloned().unwrap_or_default();
+    let text = |v: &serde_json::Value, k: &str| field(v, k).as_str().unwrap_or_default().to_string();
+    let millis = |v: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(&text(v, "ts")).map_or(0, |t| t.timestamp_millis())
+    };
+    let dir = std::env::temp_dir().join(format!("chbridge-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+
+    let avsc = r#"{"type":"record","name":"Narrow","fields":[
+        {"name":"id","type":"long"},
+        {"name":"ts","type":{"type":"long","logicalType":"timestamp-millis"}},
+        {"name":"user_id","type":"int"},
+        {"name":"event","type":"string"},
+        {"name":"country","type":"string"},
+        {"name":"amount","type":"double"},
+        {"name":"tags","type":{"type":"array","items":"string"}},
+        {"name":"ok","type":"boolean"}]}"#;
+    let avro_schema = match apache_avro::Schema::parse_str(avsc) {
+        Ok(s) => s,
+        Err(e) => panic!("bench avro schema: {e}"),
+    };
+    let avsc_path = dir.join("narrow.avsc");
+    let _ = std::fs::write(&avsc_path, avsc);
+    let proto = "syntax = \"proto3\";\npackage b;\nimport \"google/protobuf/timestamp.proto\";\n\
+        message Narrow { uint64 id = 1; google.protobuf.Timestamp ts = 2; uint32 user_id = 3; \
+        string event = 4; string country = 5; double amount = 6; repeated string tags = 7; bool ok = 8; }\n";
+    let _ = std::fs::write(dir.join("narrow.proto"), proto);
+    let fds = match protox::compile([dir.join("narrow.proto")], [&dir]) {
+        Ok(f) => f,
+        Err(e) => panic!("bench proto: {e}"),
+    };
+    let desc_path = dir.join("narrow.pb");
+    let _ = std::fs::write(&desc_path, fds.encode_to_vec());
+    let pool = match prost_reflect::DescriptorPool::from_file_descriptor_set(fds) {
+        Ok(p) => p,
+        Err(e) => panic!("bench pool: {e}"),
+    };
+    let (Some(msg_desc), Some(ts_desc)) = (
+        pool.get_message_by_name("b.Narrow"),
+        pool.get_message_by_name("google.protobuf.Timestamp"),
+    ) else {
+        panic!("bench proto messages")
+    };
+
+    let tags = |v: &serde_json::Value| -> Vec<String> {
+        field(v, "tags")
+            .as_array()
+            .map(|a| a.iter().map(|t| t.as_str().unwrap_or_default().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let delimited = |v: &serde_json::Value, sep: char| -> Vec<u8> {
+        let tags_json = field(v, "tags").to_string();
+        let tags_cell = if sep == ',' {
+            format!("\"{}\"", tags_json.replace('"', "\"\""))
+        } else {
+            tags_json
+        };
+        [
+            field(v, "id").to_string(),
+            text(v, "ts"),
+            field(v, "user_id").to_string(),
+            text(v, "event"),
+            text(v, "country"),
+            field(v, "amount").to_string(),
+            tags_cell,
+            field(v, "ok").to_string(),
+        ]
+        .join(&sep.to_string())
+        .into_bytes()
+    };
+    let avro: Vec<Vec<u8>> = parsed
+        .iter()
+        .map(|v| {
+            let rec = Av::Record(vec![
+                ("id".into(), Av::Long(field(v, "id").as_i64().unwrap_or_default())),
+                ("ts".into(), Av::TimestampMillis(millis(v))),
+                ("user_id".into(), Av::Int(field(v, "user_id").as_i64().unwrap_or_default() as i32)),
+                ("event".into(), Av::String(text(v, "event"))),
+                ("country".into(), Av::String(text(v, "country"))),
+                ("amount".into(), Av::Double(field(v, "amount").as_f64().unwrap_or_default())),
+                ("tags".into(), Av::Array(tags(v).into_iter().map(Av::String).collect())),
+                ("ok".into(), Av::Boolean(field(v, "ok").as_bool().unwrap_or_default())),
+            ]);
+            apache_avro::to_avro_datum(&avro_schema, rec).unwrap_or_default()
+        })
+        .collect();
+    let protobuf: Vec<Vec<u8>> = parsed
+        .iter()
+        .map(|v| {
+            let mut m = DynamicMessage::new(msg_desc.clone());
+            let ms = millis(v);
+            let mut ts = DynamicMessage::new(ts_desc.clone());
+            ts.set_field_by_name("seconds", P::I64(ms.div_euclid(1000)));
+            ts.set_field_by_name("nanos", P::I32((ms.rem_euclid(1000) * 1_000_000) as i32));
+            m.set_field_by_name("id", P::U64(field(v, "id").as_u64().unwrap_or_default()));
+            m.set_field_by_name("ts", P::Message(ts));
+            m.set_field_by_name("user_id", P::U32(field(v, "user_id").as_u64().unwrap_or_default() as u32));
+            m.set_field_by_name("event", P::String(text(v, "event")));
+            m.set_field_by_name("country", P::String(text(v, "country")));
+            m.set_field_by_name("amount", P::F64(field(v, "amount").as_f64().unwrap_or_default()));
+            m.set_field_by_name("tags", P::List(tags(v).into_iter().map(P::String).collect()));
+            m.set_field_by_name("ok", P::Bool(field(v, "ok").as_bool().unwrap_or_default()));
+            m.encode_to_vec()
+        })
+        .collect();
+    let csv: Vec<Vec<u8>> = parsed.iter().map(|v| delimited(v, ',')).collect();
+    let tsv: Vec<Vec<u8>> = parsed.iter().map(|v| delimited(v, '\t')).collect();
+    let raw_schema = TableSchema::from_columns("bench", "raw", &[("line", "String")]);
+
+    let cases: Vec<(&str, &TableSchema, String, &Vec<Vec<u8>>)> = vec![
+        ("json", &schema, String::new(), &w.records),
+        ("csv", &schema, "format = \"csv\"".into(), &csv),
+        ("tsv", &schema, "format = \"tsv\"".into(), &tsv),
+        ("raw", &raw_schema, "format = \"raw\"".into(), &w.records),
+        ("avro", &schema, format!("format = \"avro\"\nschema_file = {avsc_path:?}"), &avro),
+        (
+            "protobuf",
+            &schema,
+            format!("format = \"protobuf\"\nschema_file = {desc_path:?}\nmessage = \"b.Narrow\""),
+            &protobuf,
+        ),
+    ];
+    let mut group = c.benchmark_group("formats");
+    for (name, table, route, records) in cases {
+        let mut d = decoder(table, &route);
+        let mut out = Vec::with_capacity(1 << 20);
+        for r in records {
+            out.clear();
+            if let Err(e) = d.decode(&Record::value_only(Some(r)), &mut out) {
+                panic!("{name} record does not decode: {e:?}");
+            }
+        }
+        let bytes = records.iter().map(Vec::len).sum::<usize>() / records.len();
+        eprintln!("formats/{name}: {bytes} B per narrow record");
+        group.throughput(Throughput::Elements(records.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                for r in records {
+                    let _ = d.decode(&Record::value_only(Some(r)), &mut out);
+                }
+                out.len()
+            })
+        });
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, decode_encode, formats, batch_building, offset_tracking);
 criterion_main!(benches);
