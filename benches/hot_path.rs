@@ -256,8 +256,7 @@ fn decode_encode(c: &mut Criterion) {
         // Every record must decode: a benchmark of errors would be meaningless.
         for r in &w.records {
             out.clear();
-            if let Err(e) = decoder.decode(&Record::value_only(Some(r)), &mut out)
-            {
+            if let Err(e) = decoder.decode(&Record::value_only(Some(r)), &mut out) {
                 panic!("{} record does not decode: {e:?}", w.name);
             }
         }
@@ -404,7 +403,8 @@ fn formats(c: &mut Criterion) {
         .map(|r| serde_json::from_slice(r).unwrap_or_default())
         .collect();
     let field = |v: &serde_json::Value, k: &str| v.get(k).cloned().unwrap_or_default();
-    let text = |v: &serde_json::Value, k: &str| field(v, k).as_str().unwrap_or_default().to_string();
+    let text =
+        |v: &serde_json::Value, k: &str| field(v, k).as_str().unwrap_or_default().to_string();
     let millis = |v: &serde_json::Value| {
         chrono::DateTime::parse_from_rfc3339(&text(v, "ts")).map_or(0, |t| t.timestamp_millis())
     };
@@ -450,7 +450,11 @@ fn formats(c: &mut Criterion) {
     let tags = |v: &serde_json::Value| -> Vec<String> {
         field(v, "tags")
             .as_array()
-            .map(|a| a.iter().map(|t| t.as_str().unwrap_or_default().to_string()).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|t| t.as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let delimited = |v: &serde_json::Value, sep: char| -> Vec<u8> {
@@ -477,14 +481,29 @@ fn formats(c: &mut Criterion) {
         .iter()
         .map(|v| {
             let rec = Av::Record(vec![
-                ("id".into(), Av::Long(field(v, "id").as_i64().unwrap_or_default())),
+                (
+                    "id".into(),
+                    Av::Long(field(v, "id").as_i64().unwrap_or_default()),
+                ),
                 ("ts".into(), Av::TimestampMillis(millis(v))),
-                ("user_id".into(), Av::Int(field(v, "user_id").as_i64().unwrap_or_default() as i32)),
+                (
+                    "user_id".into(),
+                    Av::Int(field(v, "user_id").as_i64().unwrap_or_default() as i32),
+                ),
                 ("event".into(), Av::String(text(v, "event"))),
                 ("country".into(), Av::String(text(v, "country"))),
-                ("amount".into(), Av::Double(field(v, "amount").as_f64().unwrap_or_default())),
-                ("tags".into(), Av::Array(tags(v).into_iter().map(Av::String).collect())),
-                ("ok".into(), Av::Boolean(field(v, "ok").as_bool().unwrap_or_default())),
+                (
+                    "amount".into(),
+                    Av::Double(field(v, "amount").as_f64().unwrap_or_default()),
+                ),
+                (
+                    "tags".into(),
+                    Av::Array(tags(v).into_iter().map(Av::String).collect()),
+                ),
+                (
+                    "ok".into(),
+                    Av::Boolean(field(v, "ok").as_bool().unwrap_or_default()),
+                ),
             ]);
             apache_avro::to_avro_datum(&avro_schema, rec).unwrap_or_default()
         })
@@ -499,11 +518,20 @@ fn formats(c: &mut Criterion) {
             ts.set_field_by_name("nanos", P::I32((ms.rem_euclid(1000) * 1_000_000) as i32));
             m.set_field_by_name("id", P::U64(field(v, "id").as_u64().unwrap_or_default()));
             m.set_field_by_name("ts", P::Message(ts));
-            m.set_field_by_name("user_id", P::U32(field(v, "user_id").as_u64().unwrap_or_default() as u32));
+            m.set_field_by_name(
+                "user_id",
+                P::U32(field(v, "user_id").as_u64().unwrap_or_default() as u32),
+            );
             m.set_field_by_name("event", P::String(text(v, "event")));
             m.set_field_by_name("country", P::String(text(v, "country")));
-            m.set_field_by_name("amount", P::F64(field(v, "amount").as_f64().unwrap_or_default()));
-            m.set_field_by_name("tags", P::List(tags(v).into_iter().map(P::String).collect()));
+            m.set_field_by_name(
+                "amount",
+                P::F64(field(v, "amount").as_f64().unwrap_or_default()),
+            );
+            m.set_field_by_name(
+                "tags",
+                P::List(tags(v).into_iter().map(P::String).collect()),
+            );
             m.set_field_by_name("ok", P::Bool(field(v, "ok").as_bool().unwrap_or_default()));
             m.encode_to_vec()
         })
@@ -517,7 +545,12 @@ fn formats(c: &mut Criterion) {
         ("csv", &schema, "format = \"csv\"".into(), &csv),
         ("tsv", &schema, "format = \"tsv\"".into(), &tsv),
         ("raw", &raw_schema, "format = \"raw\"".into(), &w.records),
-        ("avro", &schema, format!("format = \"avro\"\nschema_file = {avsc_path:?}"), &avro),
+        (
+            "avro",
+            &schema,
+            format!("format = \"avro\"\nschema_file = {avsc_path:?}"),
+            &avro,
+        ),
         (
             "protobuf",
             &schema,
@@ -552,5 +585,11 @@ fn formats(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, decode_encode, formats, batch_building, offset_tracking);
+criterion_group!(
+    benches,
+    decode_encode,
+    formats,
+    batch_building,
+    offset_tracking
+);
 criterion_main!(benches);

@@ -241,6 +241,12 @@ pub struct RouteConfig {
     /// Default: the table's insertable columns in table order.
     #[serde(default)]
     pub fields: Option<Vec<String>>,
+    /// format = "json": add a column to the table for a top-level field no
+    /// column takes, before the record is decoded, with a type inferred from
+    /// the field's value (see docs/mapping.md for the rules and the risks).
+    /// Off by default.
+    #[serde(default)]
+    pub auto_add_columns: bool,
     /// Limits that make a hostile record a counted, explained failure.
     #[serde(default)]
     pub limits: DecodeLimits,
@@ -626,6 +632,20 @@ impl Config {
                     ))
                 }
                 _ => {}
+            }
+            if r.auto_add_columns {
+                let why = if r.format != Format::Json {
+                    Some("works with format = \"json\" only")
+                } else if !r.columns.is_empty() || r.flatten.is_some() {
+                    Some("works without [routes.columns] and flatten only")
+                } else if self.delivery == Delivery::ExactlyOnce {
+                    Some("is not available with delivery = \"exactly-once\" (a replayed range must be decoded for the columns it was recorded with)")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(invalid(format!("routes[{i}].auto_add_columns"), why));
+                }
             }
             if !(r.max_failed_ratio > 0.0 && r.max_failed_ratio <= 1.0) {
                 return Err(invalid(

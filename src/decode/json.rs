@@ -31,6 +31,9 @@ pub struct JsonDecoder {
     limits: super::DecodeLimits,
     scratch: Vec<u8>,
     slots: Vec<Slot>,
+    /// `auto_add_columns`: every column name of the table (computed ones
+    /// too), to tell a new field from one the table has.
+    auto_add: Option<foldhash::HashSet<String>>,
 }
 
 #[derive(Clone, Copy)]
@@ -71,12 +74,70 @@ impl JsonDecoder {
             fields: Fields::new(fields),
             unknown,
             limits,
+            auto_add: None,
             scratch: Vec::with_capacity(1024),
         }
     }
 }
 
+impl JsonDecoder {
+    /// Finds the fields that need new columns (see `Decoder::new_columns`).
+    pub fn with_auto_add(mut self, table: &TableSchema, on: bool) -> JsonDecoder {
+        self.auto_add = on.then(|| table.columns.iter().map(|c| c.name.clone()).collect());
+        self
+    }
+}
+
+/// The column type `auto_add_columns` gives a new field, from its first
+/// value: whole numbers Int64 (UInt64 above its range), other numbers
+/// Float64, strings String, booleans Bool, arrays Array(String) (any
+/// element keeps its text), objects String (their JSON text). A null says
+/// nothing: no column yet.
+fn infer_type(raw: &str) -> Option<&'static str> {
+    Some(match raw.as_bytes().first()? {
+        b'"' => "String",
+        b't' | b'f' => "Bool",
+        b'[' => "Array(String)",
+        b'{' => "String",
+        b'n' => return None,
+        _ if raw.parse::<i64>().is_ok() => "Int64",
+        _ if raw.parse::<u64>().is_ok() => "UInt64",
+        _ => "Float64",
+    })
+}
+
 impl Decoder for JsonDecoder {
+    fn new_columns(&mut self, rec: &super::Meta<'_>) -> Vec<(String, String)> {
+        let Some(known) = &mut self.auto_add else {
+            return Vec::new();
+        };
+        let Some(text) = rec
+            .value
+            .filter(|v| self.limits.check(Some(v)).is_ok())
+            .and_then(|v| std::str::from_utf8(v).ok())
+        else {
+            return Vec::new();
+        };
+        // A record that does not parse is the decoder's to refuse, not ours.
+        let Ok(fields) = raw_object(text) else {
+            return Vec::new();
+        };
+        let mut new: Vec<(String, String)> = Vec::new();
+        for (name, raw) in fields {
+            if known.contains(&*name) || new.iter().any(|(n, _)| *n == *name) {
+                continue;
+            }
+            if let Some(ty) = infer_type(raw.get()) {
+                new.push((name.into_owned(), ty.to_string()));
+            }
+        }
+        // Asked for once: if the column still does not come (another
+        // replica's type, a concurrent DROP), the field is ignored like any
+        // unknown one instead of asking on every record.
+        known.extend(new.iter().map(|(n, _)| n.clone()));
+        new
+    }
+
     fn decode(&mut self, rec: &super::Meta<'_>, out: &mut Vec<u8>) -> Result<(), RecordError> {
         self.limits.check(rec.value)?;
         let value = match rec.value {

@@ -110,6 +110,12 @@ pub trait Decoder: Send {
     /// cannot be a row, leaving `out` as it was. `rec` gives the value and the
     /// Kafka metadata a mapping may put into columns.
     fn decode(&mut self, rec: &Meta<'_>, out: &mut Vec<u8>) -> Result<(), RecordError>;
+
+    /// `auto_add_columns`: the columns (name, ClickHouse type) the record's
+    /// fields need that the table lacks. Only the JSON decoder finds any.
+    fn new_columns(&mut self, _rec: &Meta<'_>) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// The input formats a route can name.
@@ -273,9 +279,10 @@ pub fn decoder_for(
         )
     };
     Ok(match route.format {
-        Format::Json if mapping.is_plain() => {
-            Box::new(json::JsonDecoder::new(table, route.unknown_fields, limits))
-        }
+        Format::Json if mapping.is_plain() => Box::new(
+            json::JsonDecoder::new(table, route.unknown_fields, limits)
+                .with_auto_add(table, route.auto_add_columns),
+        ),
         Format::Json => Box::new(text::MappedJson { mapping, limits }),
         Format::Csv | Format::Tsv => {
             let names = match &route.fields {

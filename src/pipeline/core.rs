@@ -270,6 +270,7 @@ pub struct TableState {
     /// sink announces a new one.
     schema_version: u64,
     schema_feed: Option<watch::Receiver<Versioned>>,
+    schema_history: Option<Arc<crate::schema::drift::History>>,
 }
 
 impl TableState {
@@ -284,13 +285,19 @@ impl TableState {
             recovery: FastMap::default(),
             schema_version: 0,
             schema_feed: None,
+            schema_history: None,
         }
     }
 
     /// Follows the table's schema as its sink sees it (schema drift).
-    pub fn with_schema_feed(mut self, feed: watch::Receiver<Versioned>) -> TableState {
+    pub fn with_schema_feed(
+        mut self,
+        feed: watch::Receiver<Versioned>,
+        history: Arc<crate::schema::drift::History>,
+    ) -> TableState {
         self.schema_version = feed.borrow().version;
         self.schema_feed = Some(feed);
+        self.schema_history = Some(history);
         self
     }
 
@@ -413,6 +420,7 @@ pub struct Core {
     reloads: Option<std_mpsc::Receiver<Reload>>,
     /// For decoders built again after a table changed.
     registry: Option<Arc<crate::decode::registry::Registry>>,
+    auto_add: Option<AutoAdd>,
     metrics: Arc<Metrics>,
 }
 
@@ -425,6 +433,18 @@ struct Watchdog {
     progress: FastMap<PartitionKey, (i64, Instant)>,
     stalled: FastSet<PartitionKey>,
 }
+
+/// `auto_add_columns`: where columns are added, and how many so far per table.
+struct AutoAdd {
+    client: clickhouse::Client,
+    runtime: tokio::runtime::Handle,
+    added: FastMap<usize, usize>,
+}
+
+/// At most this many columns are added to one table per run: a producer
+/// that puts ids or timestamps into field names must not grow a table
+/// without bound.
+const MAX_AUTO_ADDED_COLUMNS: usize = 100;
 
 /// A table's batch state before a record was appended to it.
 struct Undo {
@@ -490,6 +510,7 @@ impl Core {
             recovered: FastSet::default(),
             stopped_topics: BTreeSet::new(),
             registry: None,
+            auto_add: None,
             watchdog: Watchdog::default(),
             reloads: shared.reloads,
             metrics,
@@ -542,6 +563,9 @@ impl Core {
         }
         let generation = self.tracker.generation(key);
         let ti = key.topic as usize;
+        if self.auto_add.is_some() && !self.add_new_columns(ti, rec) {
+            return false;
+        }
         self.topics[ti].consumed.inc();
         self.undo.clear();
         for i in 0..self.topics[ti].routes.len() {
@@ -1004,6 +1028,106 @@ impl Core {
     /// whose failure window or ratio changed starts its window afresh; the
     /// others keep counting (a reload that only touched batching must not
     /// forget a route's recent failures).
+    /// `auto_add_columns`: ClickHouse and a runtime to add columns with.
+    pub fn set_auto_add(&mut self, client: clickhouse::Client, runtime: tokio::runtime::Handle) {
+        self.auto_add = Some(AutoAdd {
+            client,
+            runtime,
+            added: FastMap::default(),
+        });
+    }
+
+    /// `auto_add_columns`: adds the columns the record's new fields need to
+    /// their tables before the record is decoded, so that no value is lost.
+    /// False when the bridge must stop.
+    fn add_new_columns(&mut self, topic: usize, rec: &Record<'_>) -> bool {
+        for i in 0..self.topics[topic].routes.len() {
+            let r = self.topics[topic].routes[i];
+            if !self.routes[r].config.auto_add_columns {
+                continue;
+            }
+            let wanted = self.routes[r].decoder.new_columns(rec);
+            if wanted.is_empty() {
+                continue;
+            }
+            let ti = self.routes[r].table;
+            let Some(history) = self.tables[ti].schema_history.clone() else {
+                continue;
+            };
+            let Some(auto) = self.auto_add.as_mut() else {
+                return true;
+            };
+            let table = history.current().schema;
+            let added = auto.added.entry(ti).or_insert(0);
+            if *added + wanted.len() > MAX_AUTO_ADDED_COLUMNS {
+                self.fatal = Some(PipelineError::Config(format!(
+                    "auto_add_columns: record {}[{}] at offset {} would add {} more columns to {table} \
+                     ({:?}), over the limit of {MAX_AUTO_ADDED_COLUMNS} per table and run; add them \
+                     yourself or fix the producer's field names",
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    wanted.len(),
+                    wanted.iter().map(|(n, _)| n).collect::<Vec<_>>()
+                )));
+                return false;
+            }
+            *added += wanted.len();
+            let clauses: Vec<String> = wanted
+                .iter()
+                .map(|(name, ty)| {
+                    format!(
+                        "ADD COLUMN IF NOT EXISTS {} {ty}",
+                        crate::schema::quote_ident(name)
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "ALTER TABLE {}.{} {}",
+                crate::schema::quote_ident(&table.database),
+                crate::schema::quote_ident(&table.table),
+                clauses.join(", ")
+            );
+            let client = auto.client.clone();
+            let (db, name) = (table.database.clone(), table.table.clone());
+            let result = auto.runtime.block_on(async move {
+                client.query(&sql).execute().await?;
+                crate::schema::load_table(&client, &db, &name)
+                    .await
+                    .map_err(|e| clickhouse::error::Error::Custom(e.to_string()))
+            });
+            match result {
+                Ok(now) => {
+                    tracing::warn!(
+                        table = %table,
+                        columns = %wanted.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", "),
+                        topic = rec.topic,
+                        partition = rec.partition,
+                        offset = rec.offset,
+                        "auto_add_columns: added columns for new fields"
+                    );
+                    history.observe(now);
+                    self.follow_schema(ti);
+                    if self.fatal.is_some() {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    self.fatal = Some(PipelineError::Unavailable(format!(
+                        "auto_add_columns: could not add {:?} to {table} for record {}[{}] at offset {}: {e}; \
+                         nothing at or after it was committed",
+                        wanted.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                        rec.topic,
+                        rec.partition,
+                        rec.offset
+                    )));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// The decoders to use the registry when they are built again.
     pub fn set_registry(&mut self, registry: Option<Arc<crate::decode::registry::Registry>>) {
         self.registry = registry;
@@ -1716,6 +1840,7 @@ mod tests {
             message: None,
             fields: None,
             registry: true,
+            auto_add_columns: false,
             limits: Default::default(),
         }
     }

@@ -225,9 +225,14 @@ pub async fn run(
         let (policy_tx, policies) =
             watch::channel(row_policies(&config, &route_tables, &topic_names, ti));
         policy_txs.push(policy_tx);
-        let (watch, feed) = sink::SchemaWatch::new(client.clone(), s.clone());
+        let (history, feed) = crate::schema::drift::History::new(s.clone());
         let sink = TableSink {
-            schema: Some(watch),
+            schema: Some(sink::SchemaWatch {
+                client: client.clone(),
+                database: s.database.clone(),
+                table: s.table.clone(),
+                history: history.clone(),
+            }),
             writer: writer.clone(),
             table_name: s.to_string(),
             sql: s.insert_sql(),
@@ -250,7 +255,7 @@ pub async fn run(
             .flat_map(|(i, r)| r.topics.iter().map(move |t| (i, t.as_str(), r.on_error)))
             .collect();
         metrics.init_table(&s.to_string(), &into_table);
-        tables.push(TableState::new(s.to_string(), tx).with_schema_feed(feed));
+        tables.push(TableState::new(s.to_string(), tx).with_schema_feed(feed, history));
         tracing::info!(table = %s, columns = s.insert_columns().count(), "target table ready");
     }
     drop(events_tx);
@@ -306,6 +311,9 @@ pub async fn run(
         metrics.clone(),
     );
     core.set_registry(registry);
+    if config.routes.iter().any(|r| r.auto_add_columns) {
+        core.set_auto_add(client.clone(), tokio::runtime::Handle::current());
+    }
 
     let consumer: Consumer = crate::kafka::client_config(&config.kafka)
         .create_with_context(BridgeContext::new(core, metrics.clone(), health.clone()))

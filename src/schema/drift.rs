@@ -28,6 +28,70 @@ pub struct Versioned {
     pub schema: std::sync::Arc<TableSchema>,
 }
 
+/// Every version of one table's schema seen since start, shared by the
+/// table's sink (which checks the table before each insert) and the consumer
+/// thread (whose decoders follow it, and which adds columns itself with
+/// `auto_add_columns`). One authority, so a version number means the same
+/// columns to both.
+pub struct History {
+    versions: std::sync::Mutex<Vec<Versioned>>,
+    announce: tokio::sync::watch::Sender<Versioned>,
+}
+
+impl History {
+    pub fn new(
+        schema: TableSchema,
+    ) -> (
+        std::sync::Arc<History>,
+        tokio::sync::watch::Receiver<Versioned>,
+    ) {
+        let v = Versioned {
+            version: 0,
+            schema: std::sync::Arc::new(schema),
+        };
+        let (announce, feed) = tokio::sync::watch::channel(v.clone());
+        (
+            std::sync::Arc::new(History {
+                versions: std::sync::Mutex::new(vec![v]),
+                announce,
+            }),
+            feed,
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Versioned>> {
+        self.versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn current(&self) -> Versioned {
+        let v = self.lock();
+        v[v.len() - 1].clone()
+    }
+
+    pub fn get(&self, version: u64) -> Option<Versioned> {
+        self.lock().iter().find(|v| v.version == version).cloned()
+    }
+
+    /// Records the table's columns as read now. A change becomes a new
+    /// version, announced to the decoders; returns it when there was one.
+    pub fn observe(&self, now: TableSchema) -> Option<Versioned> {
+        let mut versions = self.lock();
+        let last = &versions[versions.len() - 1];
+        if !changed(&last.schema, &now) {
+            return None;
+        }
+        let v = Versioned {
+            version: last.version + 1,
+            schema: std::sync::Arc::new(now),
+        };
+        versions.push(v.clone());
+        self.announce.send_replace(v.clone());
+        Some(v)
+    }
+}
+
 /// How one column of the new schema is filled from a row of the old one.
 enum Plan {
     /// The old row's bytes of that column, flag included.

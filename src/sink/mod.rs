@@ -230,40 +230,12 @@ pub struct SchemaWatch {
     pub client: clickhouse::Client,
     pub database: String,
     pub table: String,
-    /// Every version since start, the current one last (batches of any of
-    /// them may still be queued).
-    pub versions: Vec<crate::schema::drift::Versioned>,
-    /// Announces a new version to the consumer thread's decoders.
-    pub announce: tokio::sync::watch::Sender<crate::schema::drift::Versioned>,
+    pub history: Arc<crate::schema::drift::History>,
 }
 
 impl SchemaWatch {
-    pub fn new(
-        client: clickhouse::Client,
-        schema: crate::schema::TableSchema,
-    ) -> (
-        SchemaWatch,
-        tokio::sync::watch::Receiver<crate::schema::drift::Versioned>,
-    ) {
-        let v = crate::schema::drift::Versioned {
-            version: 0,
-            schema: Arc::new(schema),
-        };
-        let (announce, feed) = tokio::sync::watch::channel(v.clone());
-        (
-            SchemaWatch {
-                client,
-                database: v.schema.database.clone(),
-                table: v.schema.table.clone(),
-                versions: vec![v],
-                announce,
-            },
-            feed,
-        )
-    }
-
-    fn current(&self) -> &crate::schema::drift::Versioned {
-        &self.versions[self.versions.len() - 1]
+    fn current(&self) -> crate::schema::drift::Versioned {
+        self.history.current()
     }
 
     /// Reads the table's columns; a change becomes a new version. A failure
@@ -273,27 +245,20 @@ impl SchemaWatch {
         let now = match crate::schema::load_table(&self.client, &self.database, &self.table).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(table = %self.current().schema, error = %e, "could not check the table's columns");
+                tracing::debug!(table = %format!("{}.{}", self.database, self.table), error = %e, "could not check the table's columns");
                 return;
             }
         };
-        if !crate::schema::drift::changed(&self.current().schema, &now) {
-            return;
+        if let Some(v) = self.history.observe(now) {
+            let problems = v.schema.problems();
+            tracing::warn!(
+                table = %v.schema,
+                version = v.version,
+                columns = %v.schema.insert_columns().map(|c| format!("{} {}", c.name, c.type_text)).collect::<Vec<_>>().join(", "),
+                problems = %problems.join("; "),
+                "the table's columns changed: pending rows are re-encoded, new records decoded for the new columns"
+            );
         }
-        let v = crate::schema::drift::Versioned {
-            version: self.current().version + 1,
-            schema: Arc::new(now),
-        };
-        let problems = v.schema.problems();
-        tracing::warn!(
-            table = %v.schema,
-            version = v.version,
-            columns = %v.schema.insert_columns().map(|c| format!("{} {}", c.name, c.type_text)).collect::<Vec<_>>().join(", "),
-            problems = %problems.join("; "),
-            "the table's columns changed: pending rows are re-encoded, new records decoded for the new columns"
-        );
-        self.versions.push(v.clone());
-        self.announce.send_replace(v);
     }
 
     /// Brings `batch` to the current version. An error names the record whose
@@ -303,11 +268,7 @@ impl SchemaWatch {
         if batch.schema_version == current.version {
             return Ok(());
         }
-        let Some(old) = self
-            .versions
-            .iter()
-            .find(|v| v.version == batch.schema_version)
-        else {
+        let Some(old) = self.history.get(batch.schema_version) else {
             return Err(InsertError {
                 message: format!(
                     "internal: no schema version {} of {}",
@@ -421,7 +382,9 @@ impl<W: Writer> TableSink<W> {
                     if let Some(w) = self.schema.as_mut() {
                         w.refresh().await;
                     }
-                    if self.schema.as_ref().map(|w| w.current().version) == before {
+                    if self.schema.as_ref().map(|w| w.current().version) == before
+                        && before == Some(batch.schema_version)
+                    {
                         return Err(e);
                     }
                     checked_again = true;

@@ -140,3 +140,64 @@ fn a_table_altered_four_ways_under_load_loses_and_misplaces_nothing() {
         "drift: {RECORDS} rows exact; {given_e} rows took `e` from the record; {kept_b} kept `b` as `b2`; {reencoded} pending batches re-encoded"
     );
 }
+
+#[test]
+fn auto_add_columns_adds_typed_columns_before_the_first_value_is_lost() {
+    let db = unique("autoadd");
+    ch(&format!("CREATE DATABASE {db}"));
+    ch(&format!(
+        "CREATE TABLE {db}.t (id UInt64, a String) ENGINE = MergeTree ORDER BY id"
+    ));
+    let topic = unique("autoadd");
+    create_topic(&topic, 1);
+    let group = unique("autoadd-group");
+    const N: u64 = 500;
+    let p = TestProducer::new();
+    for id in 0..N {
+        // The later fields appear half-way through the stream.
+        let late = if id >= N / 2 {
+            format!(r#","late":"l{id}""#)
+        } else {
+            String::new()
+        };
+        let rec = format!(
+            r#"{{"id":{id},"a":"a{id}","n":{id},"f":{f},"s":"s{id}","flag":{flag},"arr":[{id},"x"],"obj":{{"k":{id}}},"nul":null{late}}}"#,
+            f = id as f64 + 0.25,
+            flag = id % 2 == 0
+        );
+        p.send(&topic, Some(0), id, rec.as_bytes());
+    }
+    p.flush();
+    let cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\nauto_add_columns = true\n"),
+    );
+    let dir = test_dir(&group);
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let done = wait_until(Duration::from_secs(60), || {
+        ch_u64(&format!("SELECT count() FROM {db}.t")) >= N
+    });
+    let log = bridge.log_text();
+    bridge.signal(libc::SIGTERM);
+    bridge.wait(Duration::from_secs(30));
+    assert!(done, "not every record landed:\n{log}");
+    assert_eq!(
+        ch(&format!(
+            "SELECT name, type FROM system.columns WHERE database = '{db}' AND table = 't' ORDER BY position FORMAT CSV"
+        )),
+        "\"id\",\"UInt64\"\n\"a\",\"String\"\n\"n\",\"Int64\"\n\"f\",\"Float64\"\n\"s\",\"String\"\n\
+         \"flag\",\"Bool\"\n\"arr\",\"Array(String)\"\n\"obj\",\"String\"\n\"late\",\"String\"\n"
+    );
+    // Every value landed, the first record's included.
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT countIf(n = id AND f = id + 0.25 AND s = concat('s', toString(id)) \
+             AND flag = (id % 2 = 0) AND arr = [toString(id), 'x'] AND obj = concat('{{\"k\":', toString(id), '}}') \
+             AND late = if(id >= {half}, concat('l', toString(id)), '')) FROM {db}.t",
+            half = N / 2
+        )),
+        N
+    );
+    assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), N);
+}
