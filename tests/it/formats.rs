@@ -242,3 +242,196 @@ fn every_format_lands_exactly_through_a_real_topic() {
         "a raw row's key column does not hold its record's key"
     );
 }
+
+/// The per-route mapping end to end: nested paths, a rename, constants,
+/// Kafka metadata and headers, flattening into Nested columns, and
+/// `unknown_fields = "error"` sending an unexpected field to the dead letters.
+#[test]
+fn a_json_mapping_fills_columns_from_paths_constants_metadata_and_headers() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let db = unique("map");
+    ch(&format!("CREATE DATABASE {db}"));
+    ch(&format!(
+        "CREATE TABLE {db}.t (id UInt64, user_name String, city LowCardinality(String), \
+         source String, version UInt8, topic String, part Int32, off UInt64, \
+         ts DateTime64(3, 'UTC'), k String, trace String, `n.x` Array(UInt8), `n.y` Array(String)) \
+         ENGINE = MergeTree ORDER BY id"
+    ));
+    let topic = unique("map");
+    let dlq = unique("map_dlq");
+    create_topic(&topic, 2);
+    create_topic(&dlq, 1);
+    let group = unique("map-group");
+    const N: u64 = 300;
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    for id in 0..N {
+        // Every 10th record carries a field nothing maps: a dead letter.
+        let extra = if id % 10 == 7 { r#","surprise":1"# } else { "" };
+        let value = format!(
+            r#"{{"id":{id},"user":{{"name":"u{id}","address":{{"city":"c{c}"}}}},"n":{{"x":[{id_mod},1],"y":["a","b{id}"]}}{extra}}}"#,
+            c = id % 3,
+            id_mod = id % 200
+        );
+        let key = format!("key-{id}");
+        let trace = format!("trace-{id}");
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "trace-id",
+            value: Some(trace.as_bytes()),
+        });
+        let rec = BaseRecord::to(&topic)
+            .key(key.as_bytes())
+            .payload(value.as_bytes())
+            .headers(headers)
+            .timestamp(1_700_000_000_000 + id as i64);
+        producer.send(rec).map_err(|(e, _)| e).expect("send");
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    let routes = format!(
+        r#"[[routes]]
+topics = ["{topic}"]
+table = "t"
+unknown_fields = "error"
+on_error = "dead-letter"
+dead_letter_topic = "{dlq}"
+flatten = "."
+[routes.columns]
+user_name = "user.name"
+city = {{ field = ["user", "address", "city"] }}
+source = {{ const = "web" }}
+version = {{ const = 3 }}
+topic = {{ meta = "topic" }}
+part = {{ meta = "partition" }}
+off = {{ meta = "offset" }}
+ts = {{ meta = "timestamp" }}
+k = {{ meta = "key" }}
+trace = {{ header = "trace-id" }}
+"#
+    );
+    let cfg = BridgeConfig::new(&group, &db, &routes);
+    let dir = test_dir(&group);
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let good = N - N / 10;
+    let done = wait_until(Duration::from_secs(60), || {
+        ch_u64(&format!("SELECT count() FROM {db}.t")) >= good
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let log = bridge.log_text();
+    let dead = bridge.metric("chbridge_records_failed_total", "reason=\"unknown_field\"");
+    bridge.signal(libc::SIGTERM);
+    bridge.wait(Duration::from_secs(30));
+    assert!(done, "not every record landed:\n{log}");
+    assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), good);
+    assert_eq!(
+        dead as u64,
+        N / 10,
+        "every record with an unknown field is a dead letter"
+    );
+    assert_eq!(
+        ch_u64(&format!("SELECT countIf(id % 10 = 7) FROM {db}.t")),
+        0
+    );
+    // Every column holds its record's own value.
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT countIf(user_name = concat('u', toString(id)) AND city = concat('c', toString(id % 3)) \
+             AND source = 'web' AND version = 3 AND topic = '{topic}' AND part IN (0, 1) \
+             AND toUnixTimestamp64Milli(ts) = 1700000000000 + id AND k = concat('key-', toString(id)) \
+             AND trace = concat('trace-', toString(id)) AND `n.x` = [id % 200, 1] \
+             AND `n.y` = ['a', concat('b', toString(id))]) FROM {db}.t"
+        )),
+        good
+    );
+    // Offsets are each record's own: unique per partition.
+    assert_eq!(
+        ch_u64(&format!("SELECT uniqExact(part, off) FROM {db}.t")),
+        good
+    );
+}
+
+/// A registry that cannot serve schemas is an outage, not bad data: the
+/// bridge stops without committing or diverting anything, and once the
+/// registry answers again every record lands.
+#[test]
+fn an_unreachable_registry_stops_the_bridge_without_losing_a_record() {
+    let db = unique("reg");
+    ch(&format!("CREATE DATABASE {db}"));
+    ch(&format!(
+        "CREATE TABLE {db}.avro ({COLUMNS}) ENGINE = MergeTree ORDER BY id"
+    ));
+    ch(&format!(
+        "CREATE TABLE {db}.avro_expected ({COLUMNS}) ENGINE = MergeTree ORDER BY id"
+    ));
+    let group = unique("reg-group");
+    let dir = test_dir(&group);
+    let registry = Registry::start(&dir, false);
+    let port: u16 = registry
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("registry port");
+    let topic = unique("reg");
+    create_topic(&topic, 1);
+    let (expected, _) = produce(&dir, &topic, "avro", Some(&registry), None);
+    let lines = std::fs::read_to_string(&expected).unwrap();
+    ch(&format!(
+        "INSERT INTO {db}.avro_expected FORMAT JSONEachRow\n{lines}"
+    ));
+    // From now on every schema request fails.
+    let (status, _) = http(
+        port,
+        "POST",
+        "/_admin/fail",
+        br#"{"status":503,"count":1000000}"#,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    let routes = format!(
+        "[[routes]]\ntopics = [\"{topic}\"]\ntable = \"avro\"\nformat = \"avro\"\nflatten = \"_\"\n\
+         on_error = \"skip\"\n"
+    );
+    let mut cfg = BridgeConfig::new(&group, &db, &routes);
+    cfg.extra = format!(
+        "[schema_registry]\nurl = \"{}\"\nusername = \"bridge\"\npassword = \"s3cret-pw\"\ntimeout = \"1s\"\n",
+        registry.url
+    );
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let status = bridge.wait(Duration::from_secs(60));
+    let log = bridge.log_text();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the bridge kept running without its schemas:\n{log}"
+    );
+    assert!(
+        log.contains("unavailable") || log.contains("Unavailable"),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret-pw"), "the password leaked:\n{log}");
+    // Nothing skipped, nothing inserted, nothing committed.
+    assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.avro")), 0);
+    assert!(
+        committed(&group, &topic, 1)[0] <= 0,
+        "an offset was committed past unread records"
+    );
+
+    let (status, _) = http(port, "POST", "/_admin/reset", b"{}").unwrap();
+    assert_eq!(status, 200);
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let done = wait_until(Duration::from_secs(60), || {
+        ch_u64(&format!("SELECT count() FROM {db}.avro")) >= ROWS
+    });
+    let log = bridge.log_text();
+    bridge.signal(libc::SIGTERM);
+    bridge.wait(Duration::from_secs(30));
+    assert!(
+        done,
+        "the records did not land once the registry was back:\n{log}"
+    );
+    compare(&db, "avro", COMPARED);
+}
