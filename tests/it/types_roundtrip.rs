@@ -51,6 +51,7 @@ enum Ty {
     Dynamic,
     Point,
     Ring,
+    Geometry,
 }
 
 impl Ty {
@@ -104,6 +105,7 @@ impl Ty {
             Ty::Dynamic => "Dynamic".into(),
             Ty::Point => "Point".into(),
             Ty::Ring => "Ring".into(),
+            Ty::Geometry => "Geometry".into(),
         }
     }
 
@@ -348,6 +350,15 @@ impl Ty {
                 let pts: Vec<String> = (0..n).map(|_| Ty::Point.value(r)).collect();
                 format!("[{}]", pts.join(","))
             }
+            // A point, a line, lines and polygons: ClickHouse and chbridge
+            // must pick the same variant for each depth.
+            Ty::Geometry => match r.random_range(0..5) {
+                0 => Ty::Point.value(r),
+                1 => format!("[{},{}]", Ty::Point.value(r), Ty::Point.value(r)),
+                2 => format!("[[{},{}]]", Ty::Point.value(r), Ty::Point.value(r)),
+                3 => format!("[[[{}]]]", Ty::Point.value(r)),
+                _ => "null".into(),
+            },
         }
     }
 }
@@ -473,6 +484,8 @@ fn random_type(r: &mut StdRng, depth: u32) -> Ty {
 
 struct Table {
     name: String,
+    /// Nested columns stored flattened (`c.e0`, `c.e1` arrays), as by default.
+    flat: bool,
     columns: Vec<(String, Ty)>,
     /// Column clauses that are not plain typed columns.
     extra: Vec<String>,
@@ -505,8 +518,20 @@ fn random_table(r: &mut StdRng, i: usize) -> Table {
         extra.push("d_from_eph UInt32 DEFAULT d_eph * 3".into());
         compared.push("d_from_eph".into());
     }
+    let flat = r.random_bool(0.3);
+    if flat {
+        // Flattened Nested columns are compared element array by element array.
+        compared = compared
+            .into_iter()
+            .flat_map(|c| match columns.iter().find(|(n, _)| *n == c) {
+                Some((_, Ty::Nested(els))) => els.iter().map(|(e, _)| format!("{c}.{e}")).collect(),
+                _ => vec![c],
+            })
+            .collect();
+    }
     Table {
         name: format!("rt{i}"),
+        flat,
         columns,
         extra,
         compared,
@@ -525,9 +550,10 @@ impl Table {
         format!(
             "CREATE TABLE {db}.{}{suffix} ({}) ENGINE = MergeTree ORDER BY id \
              SETTINGS allow_experimental_bfloat16_type = 1, enable_time_time64_type = 1, \
-             flatten_nested = 0",
+             flatten_nested = {}",
             self.name,
-            cols.join(", ")
+            cols.join(", "),
+            u8::from(self.flat)
         )
     }
 
@@ -536,6 +562,15 @@ impl Table {
         for (n, t) in &self.columns {
             // Sometimes missing: both sides then apply the column's default.
             if r.random_bool(0.1) {
+                continue;
+            }
+            if let (true, Ty::Nested(els)) = (self.flat, t) {
+                // Flattened: one array per element, all of one length.
+                let len = r.random_range(0..3);
+                for (e, et) in els {
+                    let items: Vec<String> = (0..len).map(|_| et.value(r)).collect();
+                    fields.push(format!("\"{n}.{e}\":[{}]", items.join(",")));
+                }
                 continue;
             }
             fields.push(format!("\"{n}\":{}", t.value(r)));
