@@ -80,6 +80,13 @@ pub fn write_value(ty: &ColumnType, v: &Value<'_>, out: &mut Vec<u8>) -> Convert
             ColumnType::Array(_) | ColumnType::Map(..) | ColumnType::Tuple(_) | ColumnType::Json,
             Value::Str(s),
         ) => super::json::convert_json(ty, s, out),
+        // Text that is a JSON array or object (a CSV cell holding a point or
+        // a list) is read as one; other text is a string.
+        (ColumnType::Variant(_) | ColumnType::Dynamic, Value::Str(s))
+            if s.trim_start().starts_with(['[', '{']) =>
+        {
+            super::json::convert_json(ty, s, out)
+        }
         (ColumnType::Json | ColumnType::Variant(_) | ColumnType::Dynamic, _) => {
             super::json::convert_json(ty, &to_json(v).to_string(), out)
         }
