@@ -476,9 +476,15 @@ fn random_type(r: &mut StdRng, depth: u32) -> Ty {
                 .collect(),
         ),
         12 => pick(r),
-        _ => {
-            [Ty::Json, Ty::Variant, Ty::Dynamic, Ty::Point, Ty::Ring][r.random_range(0..5)].clone()
-        }
+        _ => [
+            Ty::Json,
+            Ty::Variant,
+            Ty::Dynamic,
+            Ty::Point,
+            Ty::Ring,
+            Ty::Geometry,
+        ][r.random_range(0..6)]
+        .clone(),
     }
 }
 
