@@ -27,7 +27,7 @@ use super::registry::{split_confluent, Registry, RegistryError, SchemaType};
 use super::value::Value;
 use super::{RecordError, RecordErrorKind, RecordReader};
 
-/// Nesting deeper than this (records, arrays, maps, unions) is refused: a
+/// Nesting deeper than this (records, arrays, maps) is refused: a
 /// recursive schema would otherwise let a small message exhaust the stack.
 const MAX_DEPTH: usize = 128;
 /// Array and map items that take no bytes (nulls, empty records) allowed per
@@ -295,7 +295,8 @@ fn parse_schema(text: &str, deps: &[String]) -> Result<Parsed, String> {
         }
     };
     let schema = schema.map_err(|e| format!("not a valid Avro schema: {e}"))?;
-    let all: Vec<&Schema> = std::iter::once(&schema).chain(deps.iter()).collect();
+    // Dependencies first: a reference must name a type already seen.
+    let all: Vec<&Schema> = deps.iter().chain(std::iter::once(&schema)).collect();
     let names = ResolvedSchema::try_from(all)
         .map_err(|e| format!("not a valid Avro schema: {e}"))?
         .get_names()
@@ -950,7 +951,7 @@ impl<'a, 's> Resolver<'a, 's> {
                         return Err(schema_fail(
                             "the writer schema has no such field and the reader schema gives \
                              it no default"
-                                .to_string(),
+                                .into(),
                         )
                         .in_field(&rf.name))
                     }
@@ -1995,5 +1996,44 @@ mod tests {
             assert_eq!(r.read(&framed(3, &datum)).unwrap(), expected);
             assert_eq!(r.writers[&3].same_as_reader, reader == writer);
         }
+    }
+
+    #[test]
+    fn registry_references_define_named_types() {
+        let inner = r#"{"type":"record","name":"Inner","namespace":"t","fields":[{"name":"x","type":"int"}]}"#;
+        let outer = r#"{"type":"record","name":"Outer","namespace":"t","fields":[{"name":"i","type":"t.Inner"},{"name":"j","type":["null","Inner"]}]}"#;
+        let body = serde_json::json!({
+            "schema": outer,
+            "references": [{"name": "t.Inner", "subject": "inner-value", "version": 1}],
+        })
+        .to_string();
+        let inner_body =
+            serde_json::json!({"subject": "inner-value", "version": 1, "id": 11, "schema": inner})
+                .to_string();
+        let server = serve(move |req, _| match req.path.as_str() {
+            "/schemas/ids/10" => (200, body.clone()),
+            "/subjects/inner-value/versions/1" => (200, inner_body.clone()),
+            _ => (404, "{}".into()),
+        });
+        let reg = Registry::new(&RegistryConfig {
+            url: server.url.clone(),
+            username: None,
+            password: None,
+            ca_file: None,
+            timeout: std::time::Duration::from_secs(5),
+        })
+        .unwrap();
+        let mut r = AvroReader::new(None, Some(Arc::new(reg))).unwrap();
+        // i = {x: 1}, j = branch 1 {x: -1}
+        let msg = framed(10, &[2, 2, 1]);
+        let got = r.read(&msg).unwrap();
+        assert_eq!(
+            got,
+            record(vec![
+                ("i", record(vec![("x", Value::Int(1))])),
+                ("j", record(vec![("x", Value::Int(-1))])),
+            ])
+        );
+        assert_eq!(server.count(), 2);
     }
 }

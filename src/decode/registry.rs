@@ -659,6 +659,13 @@ mod tests {
     }
 
     #[test]
+    fn the_client_is_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Registry>();
+        send_sync::<RegistryError>();
+    }
+
+    #[test]
     fn config_defaults_and_debug_hides_the_password() {
         let cfg: RegistryConfig =
             toml::from_str("url = \"http://r:8081\"\nusername = \"u\"\npassword = \"hunter2\"")
