@@ -98,7 +98,21 @@ pub async fn check(config: &Config) -> Report {
                     Err(e) => problems.push(format!("routes[{i}]: {e}")),
                     Ok(schema) => {
                         describe_columns(&schema, &mut text);
+                        for (column, source) in &r.columns {
+                            let _ = writeln!(text, "  {column} <- {source:?}");
+                        }
                         problems.extend(schema.problems());
+                        // The route's format, mapping and schema files, as `run` builds them.
+                        match crate::pipeline::registry(config) {
+                            Err(e) => problems.push(e.to_string()),
+                            Ok(registry) => {
+                                if let Err(e) =
+                                    crate::decode::decoder_for(r, &schema, registry.as_ref())
+                                {
+                                    problems.push(format!("routes[{i}]: {e}"));
+                                }
+                            }
+                        }
                     }
                 }
             }

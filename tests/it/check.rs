@@ -79,6 +79,34 @@ fn check_reports_missing_tables_and_unfillable_columns() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("max_buffered_byte"), "{out}");
 
+    // A mapping is checked as `run` builds it: a column the table lacks, a
+    // constant that does not fit its column, a schema file that is not there.
+    for (keys, says) in [
+        (
+            "[routes.columns]\nnope = \"a.b\"",
+            "`nope`, which is not a column",
+        ),
+        (
+            "[routes.columns]\nid = { const = \"x\" }",
+            "the constant \"x\" is not a UInt64",
+        ),
+        (
+            "format = \"avro\"\nschema_file = \"/nonexistent.avsc\"",
+            "/nonexistent.avsc",
+        ),
+    ] {
+        let (code, out) = run_check(
+            &BridgeConfig::new("g", &db, &format!("{}{keys}\n", route("good"))),
+            &db,
+        );
+        assert_eq!(code, Some(1), "{keys}: {out}");
+        assert!(out.contains(says), "{keys}: {out}");
+    }
+    let mapped = format!("{}[routes.columns]\nname = \"user.name\"\n", route("good"));
+    let (code, out) = run_check(&BridgeConfig::new("g", &db, &mapped), &db);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("name <- Path(\"user.name\")"), "{out}");
+
     // `run` refuses the unfillable table too, before consuming anything.
     let cfg = BridgeConfig::new(&unique("g_check"), &db, &route("agg"));
     let mut bridge = Bridge::start(&cfg, &test_dir(&db));
