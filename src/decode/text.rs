@@ -107,19 +107,20 @@ impl Delimited {
     }
 }
 
-/// Cells by name. An empty unquoted CSV cell and a TSV `\N` are NULL.
+/// Cells by name, borrowed from the line unless unquoting or unescaping
+/// changed them. An empty unquoted CSV cell and a TSV `\N` are NULL.
 struct Cells<'a> {
     names: &'a [String],
-    cells: Vec<Option<String>>,
+    cells: Vec<Option<Cow<'a, str>>>,
 }
 
-impl<'a> Fields<'a> for Cells<'_> {
+impl<'a> Fields<'a> for Cells<'a> {
     fn get(&self, path: &[String]) -> Option<Value<'a>> {
         let [name] = path else { return None };
         let i = self.names.iter().position(|n| n == name)?;
         Some(match self.cells.get(i)? {
             None => Value::Null,
-            Some(s) => Value::Str(Cow::Owned(s.clone())),
+            Some(s) => Value::Str(s.clone()),
         })
     }
     fn names(&self) -> Vec<Cow<'_, str>> {
@@ -161,27 +162,30 @@ impl Decoder for Delimited {
 
 /// RFC 4180: fields separated by commas, quoted with `"` when they hold
 /// commas, quotes or line breaks, a quote inside doubled.
-fn split_csv(line: &str) -> Result<Vec<Option<String>>, RecordError> {
+fn split_csv(line: &str) -> Result<Vec<Option<Cow<'_, str>>>, RecordError> {
     let mut cells = Vec::new();
-    let mut chars = line.chars().peekable();
+    let mut rest = line;
     loop {
-        if chars.peek() == Some(&'"') {
-            chars.next();
+        if let Some(quoted) = rest.strip_prefix('"') {
             let mut cell = String::new();
+            let mut tail = quoted;
             loop {
-                match chars.next() {
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
+                let Some(q) = tail.find('"') else {
+                    return Err(malformed("a quoted CSV field is not closed".into()));
+                };
+                cell.push_str(&tail[..q]);
+                tail = &tail[q + 1..];
+                match tail.strip_prefix('"') {
+                    Some(after) => {
                         cell.push('"');
+                        tail = after;
                     }
-                    Some('"') => break,
-                    Some(c) => cell.push(c),
-                    None => return Err(malformed("a quoted CSV field is not closed".into())),
+                    None => break,
                 }
             }
-            cells.push(Some(cell));
-            match chars.next() {
-                Some(',') => continue,
+            cells.push(Some(Cow::Owned(cell)));
+            match tail.chars().next() {
+                Some(',') => rest = &tail[1..],
                 None => return Ok(cells),
                 Some(c) => {
                     return Err(malformed(format!(
@@ -189,29 +193,30 @@ fn split_csv(line: &str) -> Result<Vec<Option<String>>, RecordError> {
                     )))
                 }
             }
+            continue;
         }
-        let mut cell = String::new();
-        loop {
-            match chars.next() {
-                Some(',') => break,
-                Some(c) => cell.push(c),
-                None => {
-                    cells.push((!cell.is_empty()).then_some(cell));
-                    return Ok(cells);
-                }
-            }
+        let (cell, next) = match rest.find(',') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        cells.push((!cell.is_empty()).then_some(Cow::Borrowed(cell)));
+        match next {
+            Some(n) => rest = n,
+            None => return Ok(cells),
         }
-        cells.push((!cell.is_empty()).then_some(cell));
     }
 }
 
 /// TabSeparated: tabs between fields, `\t` `\n` `\\` (and `\r`, `\0`, `\'`)
 /// escaped inside them, `\N` for NULL.
-fn split_tsv(line: &str) -> Result<Vec<Option<String>>, RecordError> {
+fn split_tsv(line: &str) -> Result<Vec<Option<Cow<'_, str>>>, RecordError> {
     line.split('\t')
         .map(|raw| {
             if raw == "\\N" {
                 return Ok(None);
+            }
+            if !raw.contains('\\') {
+                return Ok(Some(Cow::Borrowed(raw)));
             }
             let mut cell = String::with_capacity(raw.len());
             let mut chars = raw.chars();
@@ -234,7 +239,7 @@ fn split_tsv(line: &str) -> Result<Vec<Option<String>>, RecordError> {
                     None => return Err(malformed("a TSV field ends with a lone backslash".into())),
                 });
             }
-            Ok(Some(cell))
+            Ok(Some(Cow::Owned(cell)))
         })
         .collect()
 }
