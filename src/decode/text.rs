@@ -260,6 +260,9 @@ mod tests {
             ]
         );
         assert!(split_csv(r#""open"#).is_err());
+        // A quoted empty cell is an empty string, an unquoted one NULL.
+        assert_eq!(split_csv(r#""","#).unwrap(), vec![Some("".into()), None]);
+        assert!(split_csv(r#""a"b"#).is_err());
         assert_eq!(
             split_tsv("1\ta\\tb\\n\t\\N").unwrap(),
             vec![Some("1".into()), Some("a\tb\n".into()), None]
