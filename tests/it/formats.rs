@@ -434,4 +434,19 @@ fn an_unreachable_registry_stops_the_bridge_without_losing_a_record() {
         "the records did not land once the registry was back:\n{log}"
     );
     compare(&db, "avro", COMPARED);
+    // Schemas are cached by id: each of the two writer schemas was fetched once.
+    let (_, stats) = http(port, "GET", "/_admin/stats", b"").unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("registry stats");
+    let fetched: Vec<(String, u64)> = stats["calls"]
+        .as_object()
+        .expect("calls")
+        .iter()
+        .filter(|(k, _)| k.starts_with("GET /schemas/ids/"))
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(fetched.len(), 2, "{stats}");
+    assert!(
+        fetched.iter().all(|(_, n)| *n == 1),
+        "a schema was fetched more than once: {stats}"
+    );
 }
