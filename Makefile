@@ -6,7 +6,7 @@ export CH_HTTP_PORT ?= 8123
 export CH_TCP_PORT ?= 9000
 export KAFKA_PORT ?= 9092
 
-.PHONY: help demo demo-stop test unit it chaos chaos-short bench bench-micro lint lint-deploy image fmt build release stack-up stack-down stack-status
+.PHONY: help demo demo-stop test unit it chaos chaos-short bench bench-micro fuzz lint lint-deploy image fmt build release stack-up stack-down stack-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -49,6 +49,18 @@ bench: ## chbridge vs the Kafka engine vs a naive consumer vs the ceilings, then
 
 bench-micro: ## criterion micro-benchmarks of the hot path (records per second per core)
 	cargo bench --bench hot_path -- --warm-up-time 1 --measurement-time 5
+
+# libFuzzer on every record decoder (fuzz/fuzz_targets/decoders.rs). Needs a
+# nightly toolchain; installs cargo-fuzz. Without ASan (-s none): cc-built C
+# dependencies would be instrumented but librdkafka's configure cannot link them.
+FUZZ_SECONDS ?= 300
+fuzz: ## fuzz every record decoder for FUZZ_SECONDS (default 300; nightly toolchain)
+	scripts/stack.sh install
+	rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+	.venv/bin/python fuzz/seeds.py fuzz/corpus/decoders
+	cargo +nightly fuzz run -s none decoders fuzz/corpus/decoders -- \
+		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1
 
 lint-deploy: ## Dockerfile, Compose, Kubernetes overlays, Prometheus rules, Grafana dashboard: offline checks
 	scripts/lint_deploy.sh
