@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use super::{decoder_for, Decoder, RecordErrorKind};
 use crate::config::{Config, RouteConfig};
 use crate::kafka::Record;
-use crate::schema::drift::read_value;
+use crate::schema::drift::split_row;
 use crate::schema::TableSchema;
 
 const COLUMNS: &[(&str, &str)] = &[
@@ -50,26 +50,9 @@ fn route(keys: &str) -> RouteConfig {
     }
 }
 
-/// Checks that `row` is exactly one well-formed row of `t`.
+/// Exactly one well-formed row of `t`: every cell reads with its type, nothing left over.
 fn well_formed(t: &TableSchema, row: &[u8]) -> Result<(), String> {
-    let mut pos = 0;
-    for c in t.insert_columns() {
-        let flag = *row
-            .get(pos)
-            .ok_or(format!("row ends before `{}`", c.name))?;
-        pos += 1;
-        match flag {
-            1 => continue,
-            0 => {}
-            f => return Err(format!("flag {f} before `{}`", c.name)),
-        }
-        let (_, n) = read_value(&c.ty, &row[pos..]).map_err(|e| format!("`{}`: {e}", c.name))?;
-        pos += n;
-    }
-    if pos != row.len() {
-        return Err(format!("{} bytes after the last column", row.len() - pos));
-    }
-    Ok(())
+    split_row(t.insert_columns(), row, &mut Vec::new())
 }
 
 fn mutate(r: &mut StdRng, valid: &[u8]) -> Vec<u8> {

@@ -22,7 +22,7 @@ pub struct JsonDecoder {
     /// default" so that ClickHouse evaluates the column's DEFAULT expression;
     /// a column without one gets its type's default value written out,
     /// because RowBinaryWithDefaults would store an invalid 0 for an Enum.
-    missing: Vec<Option<Vec<u8>>>,
+    missing: Vec<crate::schema::Missing>,
     names: Vec<String>,
     /// Field name -> position among the inserted columns. Columns that the
     /// record cannot fill (DEFAULT-only) are absent: they always take their default.
@@ -58,11 +58,7 @@ impl JsonDecoder {
             if c.fill() == Fill::Field {
                 fields.push((c.name.clone(), i));
             }
-            missing.push(c.default_expression.is_empty().then(|| {
-                let mut zero = Vec::new();
-                encode::write_zero(&c.ty, &mut zero);
-                zero
-            }));
+            missing.push(c.missing());
             types.push(c.ty.clone());
             names.push(c.name.clone());
         }
@@ -194,13 +190,7 @@ impl Decoder for JsonDecoder {
         out.reserve(self.scratch.len() + self.slots.len());
         for (slot, missing) in self.slots.iter().zip(&self.missing) {
             match *slot {
-                Slot::Missing => match missing {
-                    Some(zero) => {
-                        out.push(0);
-                        out.extend_from_slice(zero);
-                    }
-                    None => out.push(1),
-                },
+                Slot::Missing => missing.write(out),
                 Slot::Value(start, end) => {
                     out.push(0);
                     out.extend_from_slice(&self.scratch[start..end]);

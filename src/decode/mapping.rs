@@ -13,7 +13,6 @@ use serde::Deserialize;
 
 use super::value::{write_value, Value};
 use super::{Meta, RecordError, RecordErrorKind, UnknownFields};
-use crate::schema::encode;
 use crate::schema::{ColumnType, Fill, TableSchema};
 
 /// Where a column's value comes from, as written in `[routes.columns]`.
@@ -66,7 +65,7 @@ struct MappedColumn {
     ty: ColumnType,
     fill: Fill1,
     /// What a missing value becomes (see json.rs: explicit zero without a DEFAULT expression).
-    missing: Option<Vec<u8>>,
+    missing: crate::schema::Missing,
 }
 
 /// A route's mapping for one table.
@@ -138,11 +137,7 @@ impl Mapping {
                 Some(ColumnSource::Meta { meta }) => Fill1::Meta(*meta),
                 Some(ColumnSource::Header { header }) => Fill1::Header(header.clone()),
             };
-            let missing = c.default_expression.is_empty().then(|| {
-                let mut zero = Vec::new();
-                encode::write_zero(&c.ty, &mut zero);
-                zero
-            });
+            let missing = c.missing();
             columns.push(MappedColumn {
                 name: c.name.clone(),
                 ty: c.ty.clone(),
@@ -227,13 +222,7 @@ impl Mapping {
                 v => v,
             };
             match v {
-                None => match &c.missing {
-                    Some(zero) => {
-                        out.push(0);
-                        out.extend_from_slice(zero);
-                    }
-                    None => out.push(1),
-                },
+                None => c.missing.write(out),
                 Some(v) => {
                     out.push(0);
                     if let Err(e) = write_value(&c.ty, &v, out) {

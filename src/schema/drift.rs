@@ -99,7 +99,7 @@ enum Plan {
     /// The old column's value converted to the new type.
     Convert(usize),
     /// No old value: the column's default.
-    Default(Option<Vec<u8>>),
+    Default(super::Missing),
 }
 
 /// Re-encodes rows of `old`'s insert columns as rows of `new`'s.
@@ -138,11 +138,7 @@ impl Transcoder {
                         return Plan::Copy(i);
                     }
                 }
-                Plan::Default(c.default_expression.is_empty().then(|| {
-                    let mut zero = Vec::new();
-                    encode::write_zero(&c.ty, &mut zero);
-                    zero
-                }))
+                Plan::Default(c.missing())
             })
             .collect();
         (
@@ -170,35 +166,11 @@ impl Transcoder {
             let bytes = body
                 .get(start..end)
                 .ok_or((row, "row bounds outside the batch".to_string()))?;
-            cells.clear();
-            let mut pos = 0;
-            for c in &self.old {
-                let cell_start = pos;
-                let flag = *bytes
-                    .get(pos)
-                    .ok_or_else(|| (row, format!("row ends before column `{}`", c.name)))?;
-                pos += 1;
-                if flag == 0 {
-                    let (_, used) = read_value(&c.ty, &bytes[pos..])
-                        .map_err(|e| (row, format!("column `{}`: {e}", c.name)))?;
-                    pos += used;
-                }
-                cells.push((cell_start, pos));
-            }
-            if pos != bytes.len() {
-                return Err((
-                    row,
-                    format!("{} bytes left after the last column", bytes.len() - pos),
-                ));
-            }
+            split_row(&self.old, bytes, &mut cells).map_err(|e| (row, e))?;
             for (c, plan) in self.new.iter().zip(&self.plans) {
                 match plan {
                     Plan::Copy(i) => out.extend_from_slice(&bytes[cells[*i].0..cells[*i].1]),
-                    Plan::Default(Some(zero)) => {
-                        out.push(0);
-                        out.extend_from_slice(zero);
-                    }
-                    Plan::Default(None) => out.push(1),
+                    Plan::Default(missing) => missing.write(&mut out),
                     Plan::Convert(i) => {
                         let (s, e) = cells[*i];
                         if bytes[s] == 1 {
@@ -227,6 +199,42 @@ impl Transcoder {
         }
         Ok((out, new_ends))
     }
+}
+
+/// Finds where each column's cell (flag and value) of one encoded row lies,
+/// reading every value with its column's type. An error says which column
+/// does not read, or what is left over.
+pub fn split_row<'c>(
+    columns: impl IntoIterator<Item = &'c Column>,
+    row: &[u8],
+    cells: &mut Vec<(usize, usize)>,
+) -> Result<(), String> {
+    cells.clear();
+    let mut pos = 0;
+    for c in columns {
+        let start = pos;
+        let flag = *row
+            .get(pos)
+            .ok_or_else(|| format!("row ends before column `{}`", c.name))?;
+        pos += 1;
+        match flag {
+            1 => {}
+            0 => {
+                let (_, used) = read_value(&c.ty, &row[pos..])
+                    .map_err(|e| format!("column `{}`: {e}", c.name))?;
+                pos += used;
+            }
+            f => return Err(format!("flag {f} before column `{}`", c.name)),
+        }
+        cells.push((start, pos));
+    }
+    if pos != row.len() {
+        return Err(format!(
+            "{} bytes left after the last column",
+            row.len() - pos
+        ));
+    }
+    Ok(())
 }
 
 /// True when inserts would differ: the columns an insert names, their types

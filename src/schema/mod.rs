@@ -56,7 +56,35 @@ pub enum Fill {
     Unfillable(String),
 }
 
+/// What an insert sends for a column a record leaves out: "use the default"
+/// when the column has a DEFAULT expression, for ClickHouse to evaluate it;
+/// otherwise the type's default value itself, because RowBinaryWithDefaults
+/// would store 0 in an Enum, which need not be one of its values.
+#[derive(Debug, Clone)]
+pub struct Missing(Option<Vec<u8>>);
+
+impl Missing {
+    /// Appends the column's flag and, when needed, its value.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match &self.0 {
+            Some(value) => {
+                out.push(0);
+                out.extend_from_slice(value);
+            }
+            None => out.push(1),
+        }
+    }
+}
+
 impl Column {
+    pub fn missing(&self) -> Missing {
+        Missing(self.default_expression.is_empty().then(|| {
+            let mut value = Vec::new();
+            encode::write_zero(&self.ty, &mut value);
+            value
+        }))
+    }
+
     pub fn fill(&self) -> Fill {
         match self.default_kind {
             DefaultKind::Materialized | DefaultKind::Alias => return Fill::Computed,
