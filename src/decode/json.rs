@@ -897,8 +897,10 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
             }
             return Ok(Filled::Value);
         }
-        let ColumnType::Array(elem) = self.ty else {
-            return self.wrong("an array");
+        let (elem, exact) = match self.ty {
+            ColumnType::Array(elem) => (&**elem, None),
+            ColumnType::QBit(elem, n) => (&**elem, Some(*n as u64)),
+            _ => return self.wrong("an array"),
         };
         let inner = self.at.inner()?;
         self.begin();
@@ -914,6 +916,12 @@ impl<'de> Visitor<'de> for TypedVisitor<'_> {
         {
             count += 1;
             self.at.count(count)?;
+        }
+        if let Some(n) = exact.filter(|n| *n != count) {
+            return Err(de::Error::custom(format!(
+                "expected {n} elements for {}, got {count}",
+                self.ty
+            )));
         }
         encode::insert_len_prefix(self.out, start, count);
         Ok(Filled::Value)

@@ -77,7 +77,11 @@ pub fn write_value(ty: &ColumnType, v: &Value<'_>, out: &mut Vec<u8>) -> Convert
         }
         // Containers and the self-describing types given as text (a CSV cell) read it as JSON.
         (
-            ColumnType::Array(_) | ColumnType::Map(..) | ColumnType::Tuple(_) | ColumnType::Json,
+            ColumnType::Array(_)
+            | ColumnType::Map(..)
+            | ColumnType::Tuple(_)
+            | ColumnType::Json
+            | ColumnType::QBit(..),
             Value::Str(s),
         ) => super::json::convert_json(ty, s, out),
         // Text that is a JSON array or object (a CSV cell holding a point or
@@ -91,6 +95,10 @@ pub fn write_value(ty: &ColumnType, v: &Value<'_>, out: &mut Vec<u8>) -> Convert
             super::json::convert_json(ty, &to_json(v).to_string(), out)
         }
         (ColumnType::Array(elem), Value::Array(items)) => {
+            encode::write_varint(out, items.len() as u64);
+            items.iter().try_for_each(|i| write_value(elem, i, out))
+        }
+        (ColumnType::QBit(elem, n), Value::Array(items)) if items.len() == *n => {
             encode::write_varint(out, items.len() as u64);
             items.iter().try_for_each(|i| write_value(elem, i, out))
         }

@@ -298,6 +298,11 @@ pub fn read_value<'b>(ty: &ColumnType, b: &'b [u8]) -> Result<(Value<'b>, usize)
     use ColumnType as T;
     let fixed = |n: usize| take(b, n).map(|x| (x, n));
     Ok(match ty {
+        T::Interval(_) => {
+            let (x, n) = fixed(8)?;
+            (Value::Int(le_signed(x)), n)
+        }
+        T::QBit(t, _) => read_value(&T::Array(t.clone()), b)?,
         T::Int8 | T::Int16 | T::Int32 | T::Int64 | T::UInt8 | T::UInt16 | T::UInt32 | T::UInt64 => {
             let n = match ty {
                 T::Int8 | T::UInt8 => 1,

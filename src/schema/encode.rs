@@ -70,6 +70,7 @@ pub fn write_int(ty: &ColumnType, v: i128, out: &mut Vec<u8>) -> ConvertResult {
         ColumnType::UInt16 => put!(u16),
         ColumnType::UInt32 => put!(u32),
         ColumnType::UInt64 => put!(u64),
+        ColumnType::Interval(_) => put!(i64),
         ColumnType::Int128 => put!(i128),
         ColumnType::UInt128 => put!(u128),
         ColumnType::Int256 => {
@@ -909,7 +910,16 @@ pub fn write_zero(ty: &ColumnType, out: &mut Vec<u8>) {
         | ColumnType::UInt64
         | ColumnType::Float64
         | ColumnType::DateTime64 { .. }
-        | ColumnType::Time64 { .. } => 8,
+        | ColumnType::Time64 { .. }
+        | ColumnType::Interval(_) => 8,
+        // A zero vector of its N elements.
+        ColumnType::QBit(t, n) => {
+            write_varint(out, *n as u64);
+            for _ in 0..*n {
+                write_zero(t, out);
+            }
+            return;
+        }
         ColumnType::Uuid | ColumnType::IPv6 | ColumnType::Int128 | ColumnType::UInt128 => 16,
         ColumnType::Int256 | ColumnType::UInt256 => 32,
         ColumnType::Decimal { precision, .. } => decimal_width(*precision),

@@ -65,6 +65,10 @@ pub enum ColumnType {
     Dynamic,
     /// The `JSON` type, sent as JSON text (`input_format_binary_read_json_as_string`).
     Json,
+    /// `IntervalSecond` .. `IntervalYear`: a count (Int64) of the named unit.
+    Interval(String),
+    /// `QBit(T, N)`: a vector of exactly N floats of type T, sent as an array.
+    QBit(Box<ColumnType>, usize),
     Nullable(Box<ColumnType>),
     /// Encoded exactly as its inner type in RowBinary.
     LowCardinality(Box<ColumnType>),
@@ -114,6 +118,7 @@ impl ColumnType {
                 ColumnType::Map(k, v) => k.contains(f) || v.contains(f),
                 ColumnType::Tuple(els) => els.iter().any(|(_, t)| t.contains(f)),
                 ColumnType::Variant(vs) => vs.iter().any(|t| t.contains(f)),
+                ColumnType::QBit(t, _) => t.contains(f),
                 _ => false,
             }
     }
@@ -134,6 +139,7 @@ impl ColumnType {
                 | ColumnType::UInt128
                 | ColumnType::Int256
                 | ColumnType::UInt256
+                | ColumnType::Interval(_)
         )
     }
 
@@ -243,6 +249,8 @@ impl fmt::Display for ColumnType {
                 f.write_str(")")
             }
             ColumnType::Dynamic => f.write_str("Dynamic"),
+            ColumnType::Interval(unit) => write!(f, "Interval{unit}"),
+            ColumnType::QBit(t, n) => write!(f, "QBit({t}, {n})"),
             ColumnType::Json => f.write_str("JSON"),
             ColumnType::Float32 => f.write_str("Float32"),
             ColumnType::Float64 => f.write_str("Float64"),
@@ -452,7 +460,7 @@ impl Parser<'_> {
         let name = self.ident()?.to_string();
         if matches!(
             name.as_str(),
-            "JSON" | "Dynamic" | "AggregateFunction" | "QBit" | "Object"
+            "JSON" | "Dynamic" | "AggregateFunction" | "Object"
         ) {
             if self.eat(b'(') {
                 self.skip_args()?;
@@ -511,6 +519,32 @@ impl Parser<'_> {
             ("UInt256", None) => ColumnType::UInt256,
             ("BFloat16", None) => ColumnType::BFloat16,
             ("Time", None) => ColumnType::Time,
+            (
+                i @ ("IntervalNanosecond"
+                | "IntervalMicrosecond"
+                | "IntervalMillisecond"
+                | "IntervalSecond"
+                | "IntervalMinute"
+                | "IntervalHour"
+                | "IntervalDay"
+                | "IntervalWeek"
+                | "IntervalMonth"
+                | "IntervalQuarter"
+                | "IntervalYear"),
+                None,
+            ) => ColumnType::Interval(i.trim_start_matches("Interval").to_string()),
+            ("QBit", Some(mut a)) if a.len() == 2 => match (a.pop(), a.pop()) {
+                (Some(Arg::Number(n)), Some(Arg::Type(t)))
+                    if n > 0
+                        && matches!(
+                            t,
+                            ColumnType::BFloat16 | ColumnType::Float32 | ColumnType::Float64
+                        ) =>
+                {
+                    ColumnType::QBit(Box::new(t), n as usize)
+                }
+                _ => ColumnType::Unsupported(text.clone()),
+            },
             ("Time64", Some(a)) => match a.as_slice() {
                 [Arg::Number(p)] if (0..=9).contains(p) => ColumnType::Time64 {
                     precision: *p as u32,
@@ -756,7 +790,15 @@ mod tests {
         let nested = ColumnType::parse("Array(AggregateFunction(uniq, UInt64))");
         assert!(!nested.is_supported());
         assert_eq!(nested.to_string(), "Array(AggregateFunction(uniq, UInt64))");
-        assert!(!ColumnType::parse("QBit(Float32, 8)").is_supported());
+        assert!(!ColumnType::parse("QBit(String, 8)").is_supported());
+        assert_eq!(
+            ColumnType::parse("QBit(Float32, 8)").to_string(),
+            "QBit(Float32, 8)"
+        );
+        assert_eq!(
+            ColumnType::parse("IntervalSecond").to_string(),
+            "IntervalSecond"
+        );
     }
 
     #[test]

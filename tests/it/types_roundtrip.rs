@@ -52,6 +52,8 @@ enum Ty {
     Point,
     Ring,
     Geometry,
+    /// `QBit(Float32, N)`: exactly N floats.
+    QBit(usize),
 }
 
 impl Ty {
@@ -106,6 +108,7 @@ impl Ty {
             Ty::Point => "Point".into(),
             Ty::Ring => "Ring".into(),
             Ty::Geometry => "Geometry".into(),
+            Ty::QBit(n) => format!("QBit(Float32, {n})"),
         }
     }
 
@@ -350,6 +353,12 @@ impl Ty {
                 let pts: Vec<String> = (0..n).map(|_| Ty::Point.value(r)).collect();
                 format!("[{}]", pts.join(","))
             }
+            Ty::QBit(n) => {
+                let items: Vec<String> = (0..*n)
+                    .map(|_| format!("{}", r.random_range(-1000..1000) as f32 / 8.0))
+                    .collect();
+                format!("[{}]", items.join(","))
+            }
             // A point, a line, lines and polygons: ClickHouse and chbridge
             // must pick the same variant for each depth.
             Ty::Geometry => match r.random_range(0..5) {
@@ -436,6 +445,9 @@ fn scalars() -> Vec<Ty> {
         Ty::Time,
         Ty::Time64(3),
         Ty::Time64(6),
+        Ty::Int("IntervalSecond", i64::MIN as i128, i64::MAX as i128),
+        Ty::Int("IntervalMonth", -1000, 1000),
+        Ty::Int("IntervalNanosecond", -1_000_000_000, 1_000_000_000),
     ]
 }
 
@@ -470,6 +482,7 @@ fn random_type(r: &mut StdRng, depth: u32) -> Ty {
                 .map(|i| (format!("f{i}"), random_type(r, depth + 1)))
                 .collect(),
         ),
+        12 if depth == 0 && r.random_bool(0.3) => Ty::QBit(r.random_range(1..6)),
         12 if depth == 0 => Ty::Nested(
             (0..r.random_range(1..3))
                 .map(|i| (format!("e{i}"), pick(r)))
@@ -499,11 +512,47 @@ struct Table {
     compared: Vec<String>,
 }
 
-fn random_table(r: &mut StdRng, i: usize) -> Table {
-    let n = r.random_range(3..9);
-    let columns: Vec<(String, Ty)> = (0..n)
-        .map(|c| (format!("c{c}"), random_type(r, 0)))
-        .collect();
+/// Every type family in a few tables, so that each run covers them all;
+/// random tables follow.
+fn covering_types(r: &mut StdRng) -> Vec<Vec<Ty>> {
+    let mut all = scalars();
+    all.extend([
+        Ty::Nullable(Box::new(Ty::Int(
+            "Int32",
+            i32::MIN as i128,
+            i32::MAX as i128,
+        ))),
+        Ty::LowCardinality(Box::new(Ty::Nullable(Box::new(Ty::Str)))),
+        Ty::Array(Box::new(Ty::Nullable(Box::new(Ty::Decimal(18, 6))))),
+        Ty::Map(Box::new(Ty::Str), Box::new(Ty::Array(Box::new(Ty::Uuid)))),
+        Ty::Tuple(vec![Ty::IPv6, Ty::Enum(true)]),
+        Ty::NamedTuple(vec![("a".into(), Ty::Date32), ("b".into(), Ty::Time64(3))]),
+        Ty::Nested(vec![
+            ("x".into(), Ty::Int("UInt8", 0, 255)),
+            ("y".into(), Ty::Str),
+        ]),
+        Ty::Json,
+        Ty::Variant,
+        Ty::Dynamic,
+        Ty::Point,
+        Ty::Ring,
+        Ty::Geometry,
+        Ty::QBit(r.random_range(1..6)),
+    ]);
+    all.chunks(8).map(<[Ty]>::to_vec).collect()
+}
+
+fn random_table(r: &mut StdRng, i: usize, given: Option<Vec<Ty>>) -> Table {
+    let columns: Vec<(String, Ty)> = match given {
+        Some(types) => types
+            .into_iter()
+            .enumerate()
+            .map(|(c, t)| (format!("c{c}"), t))
+            .collect(),
+        None => (0..r.random_range(3..9))
+            .map(|c| (format!("c{c}"), random_type(r, 0)))
+            .collect(),
+    };
     let mut extra = Vec::new();
     let mut compared: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
     // Columns whose value ClickHouse computes, as its own inserts do.
@@ -612,8 +661,10 @@ fn random_tables_of_every_type_match_clickhouses_own_parse() {
     let producer = TestProducer::new();
     let mut routes = String::new();
     let mut all = Vec::new();
+    let mut covering = covering_types(&mut r).into_iter();
+    let tables = tables.max(covering.len());
     for i in 0..tables {
-        let t = random_table(&mut r, i);
+        let t = random_table(&mut r, i, covering.next());
         for suffix in ["", "_expected"] {
             let out = ch(&t.ddl(&db, suffix));
             assert!(!out.contains("Exception"), "{out}\n{}", t.ddl(&db, suffix));
@@ -707,8 +758,69 @@ fn random_tables_of_every_type_match_clickhouses_own_parse() {
         .iter()
         .flat_map(|t| t.columns.iter().map(|(_, ty)| ty.ddl()))
         .collect();
+    let families = [
+        "Int8",
+        "Int16",
+        "Int32",
+        "Int64",
+        "Int128",
+        "Int256",
+        "UInt8",
+        "UInt16",
+        "UInt32",
+        "UInt64",
+        "UInt128",
+        "UInt256",
+        "Float32",
+        "Float64",
+        "BFloat16",
+        "Decimal",
+        "Bool",
+        "String",
+        "FixedString",
+        "UUID",
+        "Date",
+        "Date32",
+        "DateTime",
+        "DateTime64",
+        "Time",
+        "Time64",
+        "Enum8",
+        "Enum16",
+        "IPv4",
+        "IPv6",
+        "Interval",
+        "Nullable",
+        "LowCardinality",
+        "Array",
+        "Map",
+        "Tuple",
+        "Nested",
+        "JSON",
+        "Variant",
+        "Dynamic",
+        "Point",
+        "Ring",
+        "Geometry",
+        "QBit",
+    ];
+    let ddl: Vec<String> = all.iter().map(|t| t.ddl("db", "")).collect();
+    // A family is drawn when its name stands alone (`Int8`, not the `Int8` in `UInt8`)
+    // or starts an Interval unit name.
+    let drawn = |f: &str| {
+        ddl.iter().any(|d| {
+            d.match_indices(f).any(|(at, _)| {
+                let before = d[..at].chars().next_back();
+                let after = d[at + f.len()..].chars().next();
+                !before.is_some_and(|c| c.is_alphanumeric())
+                    && (f == "Interval" || !after.is_some_and(|c| c.is_alphanumeric()))
+            })
+        })
+    };
+    let missing: Vec<&str> = families.iter().copied().filter(|f| !drawn(f)).collect();
+    assert!(missing.is_empty(), "type families not drawn: {missing:?}");
     eprintln!(
-        "round trip: {} tables, {} distinct column types, {} rows each: identical",
+        "round trip: {} tables, {} distinct column types, {} rows each: identical; every type family drawn",
         all.len(),
         types.len(),
         ROWS
