@@ -174,8 +174,8 @@ impl Transcoder {
                     Plan::Convert(i) => {
                         let (s, e) = cells[*i];
                         if bytes[s] == 1 {
-                            // It was "use the default": still is.
-                            out.push(1);
+                            // It was "use the default": still is, for the new type.
+                            c.missing().write(&mut out);
                             continue;
                         }
                         let old = &self.old[*i];
