@@ -222,55 +222,12 @@ fn describe(v: &Value<'_>) -> String {
     }
 }
 
-/// A Decimal's exact text (through the Decimal256 conversion, which checks it).
+/// A Decimal's exact text.
 fn decimal_text(v: &Value<'_>) -> Option<String> {
     let Value::Decimal { unscaled, scale } = v else {
         return None;
     };
-    let ty = ColumnType::Decimal {
-        precision: 76,
-        scale: *scale,
-    };
-    let mut raw = Vec::new();
-    encode::write_decimal_unscaled(&ty, unscaled, *scale, &mut raw).ok()?;
-    let mut limbs = [0u8; 32];
-    limbs.copy_from_slice(raw.get(..32)?);
-    let negative = limbs[31] & 0x80 != 0;
-    let mut mag = limbs;
-    if negative {
-        let mut carry = 1u16;
-        for b in mag.iter_mut() {
-            let v = u16::from(!*b) + carry;
-            *b = v as u8;
-            carry = v >> 8;
-        }
-    }
-    // Little-endian base 256 to decimal digits.
-    let mut digits = Vec::new();
-    let mut be: Vec<u8> = mag.iter().rev().copied().collect();
-    while be.iter().any(|&b| b != 0) {
-        let mut rem = 0u32;
-        for b in be.iter_mut() {
-            let cur = (rem << 8) | u32::from(*b);
-            *b = (cur / 10) as u8;
-            rem = cur % 10;
-        }
-        digits.push(b'0' + rem as u8);
-    }
-    let scale = *scale as usize;
-    digits.resize(digits.len().max(scale + 1), b'0');
-    digits.reverse();
-    let point = digits.len() - scale;
-    let mut text = String::new();
-    if negative {
-        text.push('-');
-    }
-    text.push_str(std::str::from_utf8(&digits[..point]).ok()?);
-    if scale > 0 {
-        text.push('.');
-        text.push_str(std::str::from_utf8(&digits[point..]).ok()?);
-    }
-    Some(text)
+    encode::decimal_text(unscaled, *scale)
 }
 
 /// A value as JSON, for the JSON, Variant and Dynamic types. Decimals and

@@ -372,14 +372,9 @@ pub fn write_decimal_str(ty: &ColumnType, s: &str, out: &mut Vec<u8>) -> Convert
     Ok(())
 }
 
-/// A Decimal from the unscaled big-endian two's complement integer and scale
-/// that Avro's decimal carries.
-pub fn write_decimal_unscaled(
-    ty: &ColumnType,
-    unscaled_be: &[u8],
-    scale: u32,
-    out: &mut Vec<u8>,
-) -> ConvertResult {
+/// The exact text of a decimal given as an unscaled big-endian two's
+/// complement integer and a scale (Avro's decimal), or None beyond 200 digits.
+pub fn decimal_text(unscaled_be: &[u8], scale: u32) -> Option<String> {
     let negative = unscaled_be.first().is_some_and(|b| b & 0x80 != 0);
     // Magnitude, big-endian.
     let mut mag: Vec<u8> = unscaled_be.to_vec();
@@ -406,10 +401,7 @@ pub fn write_decimal_unscaled(
         }
         digits.push(b'0' + rem as u8);
         if digits.len() > 200 {
-            return err(format!(
-                "a decimal of {} bytes is too large for {ty}",
-                unscaled_be.len()
-            ));
+            return None;
         }
     }
     let scale = scale as usize;
@@ -422,12 +414,29 @@ pub fn write_decimal_unscaled(
         text.push('-');
     }
     let point = digits.len() - scale;
-    text.push_str(std::str::from_utf8(&digits[..point]).unwrap_or("0"));
+    text.push_str(std::str::from_utf8(&digits[..point]).ok()?);
     if scale > 0 {
         text.push('.');
-        text.push_str(std::str::from_utf8(&digits[point..]).unwrap_or("0"));
+        text.push_str(std::str::from_utf8(&digits[point..]).ok()?);
     }
-    write_decimal_str(ty, &text, out)
+    Some(text)
+}
+
+/// A Decimal from the unscaled big-endian two's complement integer and scale
+/// that Avro's decimal carries.
+pub fn write_decimal_unscaled(
+    ty: &ColumnType,
+    unscaled_be: &[u8],
+    scale: u32,
+    out: &mut Vec<u8>,
+) -> ConvertResult {
+    match decimal_text(unscaled_be, scale) {
+        Some(text) => write_decimal_str(ty, &text, out),
+        None => err(format!(
+            "a decimal of {} bytes is too large for {ty}",
+            unscaled_be.len()
+        )),
+    }
 }
 
 /// Writes a float into a Float column, or into an integer column when it has no fraction.
@@ -1088,6 +1097,26 @@ mod tests {
         // Epoch milliseconds mistaken for seconds land in year 55000: refused.
         let e = enc(|o| write_datetime_int(&dt64, 1_706_698_800_123, o)).unwrap_err();
         assert!(e.0.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn decimal_text_of_unscaled_twos_complement() {
+        assert_eq!(decimal_text(&[0xff, 0x85], 2).as_deref(), Some("-1.23"));
+        assert_eq!(decimal_text(&[0x00], 3).as_deref(), Some("0.000"));
+        assert_eq!(
+            decimal_text(&[0x01, 0xe2, 0x40], 4).as_deref(),
+            Some("12.3456")
+        );
+        assert_eq!(decimal_text(&[0x80], 0).as_deref(), Some("-128"));
+        let d = ColumnType::Decimal {
+            precision: 9,
+            scale: 2,
+        };
+        assert_eq!(
+            enc(|o| write_decimal_unscaled(&d, &[0xff, 0x85], 2, o)),
+            Ok((-123i32).to_le_bytes().to_vec())
+        );
+        assert!(enc(|o| write_decimal_unscaled(&d, &[0x01], 3, o)).is_err());
     }
 
     #[test]
