@@ -957,6 +957,7 @@ table = "analytics.events"
         for file in [
             "config/example.toml",
             "config/multi-route.toml",
+            "config/formats.toml",
             "deploy/compose/chbridge.toml",
         ] {
             let c = Config::load(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
