@@ -70,6 +70,32 @@ def events(count, rng, start):
         }
 
 
+def send_all(brokers, topic, messages):
+    """Produces (key, value) pairs with acks=all and an idempotent producer,
+    waits for every delivery report; returns (delivered, errors, undelivered)."""
+    delivered, failed = 0, []
+
+    def on_delivery(err, _msg):
+        nonlocal delivered
+        if err is None:
+            delivered += 1
+        else:
+            failed.append(err)
+
+    p = Producer({"bootstrap.servers": brokers, "acks": "all", "linger.ms": 5,
+                  "enable.idempotence": True})
+    for key, value in messages:
+        while True:
+            try:
+                p.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: let deliveries drain
+                p.poll(0.1)
+        p.poll(0)
+    left = p.flush(60)  # before reading `delivered`: the reports arrive in flush
+    return delivered, failed, left
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--brokers", default="127.0.0.1:9092")
@@ -94,26 +120,7 @@ def main():
     for k in range(a.bad):
         msgs.insert(rng.randint(0, len(msgs)), BAD[k % len(BAD)])
 
-    delivered, failed = 0, []
-
-    def on_delivery(err, _msg):
-        nonlocal delivered
-        if err is None:
-            delivered += 1
-        else:
-            failed.append(err)
-
-    p = Producer({"bootstrap.servers": a.brokers, "acks": "all", "linger.ms": 5,
-                  "enable.idempotence": True})
-    for m in msgs:
-        while True:
-            try:
-                p.produce(a.topic, value=m, on_delivery=on_delivery)
-                break
-            except BufferError:  # local queue full: let deliveries drain
-                p.poll(0.1)
-        p.poll(0)
-    left = p.flush(60)
+    delivered, failed, left = send_all(a.brokers, a.topic, ((None, m) for m in msgs))
 
     print("delivered %d/%d messages (%d malformed) to %s" % (delivered, len(msgs), a.bad, a.topic))
     if failed or left:

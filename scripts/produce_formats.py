@@ -393,30 +393,11 @@ def main():
             for _, exp in encoded:
                 f.write(json.dumps(exp, ensure_ascii=False, separators=(",", ":")) + "\n")
 
-    from confluent_kafka import Producer
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from produce import ensure_topic
+    from produce import ensure_topic, send_all
     ensure_topic(a.brokers, a.topic, a.partitions)
-
-    delivered, failed = 0, []
-
-    def on_delivery(err, _msg):
-        nonlocal delivered
-        if err is None:
-            delivered += 1
-        else:
-            failed.append(err)
-
-    p = Producer({"bootstrap.servers": a.brokers, "acks": "all", "linger.ms": 5, "enable.idempotence": True})
-    for row, (value, _) in zip(rows, encoded):
-        while True:
-            try:
-                p.produce(a.topic, key=str(row["id"]).encode(), value=value, on_delivery=on_delivery)
-                break
-            except BufferError:
-                p.poll(0.1)
-        p.poll(0)
-    left = p.flush(60)
+    delivered, failed, left = send_all(
+        a.brokers, a.topic, ((str(row["id"]).encode(), value) for row, (value, _) in zip(rows, encoded)))
 
     ids = sorted({i for i in (schema_id_of(v) for v, _ in encoded) if i is not None}) \
         if a.format in ("avro", "protobuf") else []

@@ -289,6 +289,14 @@ def compile_proto_text(files, main_name):
 # ---------------------------------------------------------------------------
 # Store
 
+
+def schema_of(body):
+    """The schema text, its type and its references from a request body."""
+    text = body.get("schema")
+    if not isinstance(text, str):
+        raise ApiError(422, 42201, "Invalid schema: 'schema' must be a string")
+    return text, (body.get("schemaType") or "AVRO").upper(), body.get("references") or []
+
 class Store:
     def __init__(self, first_id=1):
         self.lock = threading.RLock()
@@ -320,11 +328,7 @@ class Store:
         raise ApiError(422, 42201, "Invalid schema type %s" % stype)
 
     def register(self, subject, body):
-        text = body.get("schema")
-        if not isinstance(text, str):
-            raise ApiError(422, 42201, "Invalid schema: 'schema' must be a string")
-        stype = (body.get("schemaType") or "AVRO").upper()
-        refs = body.get("references") or []
+        text, stype, refs = schema_of(body)
         with self.lock:
             for r in refs:
                 self._check_ref(r)
@@ -354,11 +358,7 @@ class Store:
                            % (r["name"], r["subject"], r["version"]))
 
     def lookup(self, subject, body):
-        text = body.get("schema")
-        if not isinstance(text, str):
-            raise ApiError(422, 42201, "Invalid schema: 'schema' must be a string")
-        stype = (body.get("schemaType") or "AVRO").upper()
-        refs = body.get("references") or []
+        text, stype, refs = schema_of(body)
         with self.lock:
             versions = self.subjects.get(subject)
             if not versions:
