@@ -29,6 +29,8 @@ pub struct JsonDecoder {
     fields: Fields,
     unknown: UnknownFields,
     limits: super::DecodeLimits,
+    /// The limits as the parser checks them, worked out once.
+    top: Depth,
     scratch: Vec<u8>,
     slots: Vec<Slot>,
     /// `auto_add_columns`: every column name of the table (computed ones
@@ -69,6 +71,7 @@ impl JsonDecoder {
             names,
             fields: Fields::new(fields),
             unknown,
+            top: Depth::top(&limits),
             limits,
             auto_add: None,
             scratch: Vec::with_capacity(1024),
@@ -165,7 +168,7 @@ impl Decoder for JsonDecoder {
                 scratch: &mut self.scratch,
                 slots: &mut self.slots,
                 current: &mut current,
-                limits: &self.limits,
+                top: self.top,
             })
             .and_then(|()| de.end());
         if let Err(e) = parsed {
@@ -252,7 +255,7 @@ struct RowVisitor<'a> {
     scratch: &'a mut Vec<u8>,
     slots: &'a mut [Slot],
     current: &'a mut Option<usize>,
-    limits: &'a super::DecodeLimits,
+    top: Depth,
 }
 
 impl<'de> Visitor<'de> for RowVisitor<'_> {
@@ -271,7 +274,7 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
                     let filled = map.next_value_seed(ValueSeed {
                         ty: &self.types[i],
                         out: self.scratch,
-                        at: Depth::top(self.limits),
+                        at: self.top,
                     })?;
                     self.slots[i] = match filled {
                         Filled::Value => Slot::Value(start, self.scratch.len()),
