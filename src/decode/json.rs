@@ -525,7 +525,7 @@ fn raw_object(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, serde_json::
 }
 
 impl<'a> super::mapping::Fields<'a> for JsonFields<'a> {
-    fn get(&self, path: &[String]) -> Option<super::value::Value<'a>> {
+    fn get(&self, path: &[String]) -> Option<Cow<'_, super::value::Value<'a>>> {
         let (first, rest) = path.split_first()?;
         let mut cur: &'a RawValue = self.fields.iter().find(|(n, _)| n == first)?.1;
         for name in rest {
@@ -536,7 +536,7 @@ impl<'a> super::mapping::Fields<'a> for JsonFields<'a> {
                 .find(|(n, _)| n == name)?
                 .1;
         }
-        Some(super::value::Value::Json(Cow::Borrowed(cur.get())))
+        Some(Cow::Owned(super::value::Value::Json(Cow::Borrowed(cur.get()))))
     }
 
     fn names(&self) -> Vec<Cow<'_, str>> {

@@ -79,7 +79,9 @@ pub struct Mapping {
 /// The top-level fields of one record, as a format hands them over.
 pub trait Fields<'a> {
     /// The value at `path` (one name per level), or None when absent.
-    fn get(&self, path: &[String]) -> Option<Value<'a>>;
+    /// Borrowed when the format holds it already (a decoded record), so that
+    /// no subtree is copied per column.
+    fn get(&self, path: &[String]) -> Option<Cow<'_, Value<'a>>>;
     /// Every top-level field name, for `unknown_fields = "error"`.
     fn names(&self) -> Vec<Cow<'_, str>>;
 }
@@ -210,17 +212,18 @@ impl Mapping {
                         .then(|| flattened(fields, &c.name, sep))
                         .flatten()
                 }),
-                Fill1::Meta(m) => meta_value(*m, value, meta),
-                Fill1::Header(h) => meta.header(h).map(|b| Value::Bytes(Cow::Owned(b.to_vec()))),
+                Fill1::Meta(m) => meta_value(*m, value, meta).map(Cow::Owned),
+                Fill1::Header(h) => meta
+                    .header(h)
+                    .map(|b| Cow::Owned(Value::Bytes(Cow::Owned(b.to_vec())))),
             };
-            let v = match v {
-                Some(Value::Json(t)) if t.trim() == "null" => Some(Value::Null),
-                v => v,
-            };
-            let v = match v {
-                Some(Value::Null) if !c.ty.is_nullable() => None,
-                v => v,
-            };
+            // A null (JSON's `null` text too) in a non-Nullable column is a missing value.
+            let null = v.as_deref().is_some_and(|v| match v {
+                Value::Null => true,
+                Value::Json(t) => t.trim() == "null",
+                _ => false,
+            });
+            let v = if null && !c.ty.is_nullable() { None } else { v };
             match v {
                 None => c.missing.write(out),
                 Some(v) => {
@@ -242,14 +245,18 @@ impl Mapping {
 
 /// `a_b_c` with separator `_`: field `a_b_c`, or `b_c` (recursively) inside
 /// object `a`, or `c` inside `a_b`.
-fn flattened<'a>(fields: &dyn Fields<'a>, name: &str, sep: &str) -> Option<Value<'a>> {
+fn flattened<'f, 'a>(
+    fields: &'f dyn Fields<'a>,
+    name: &str,
+    sep: &str,
+) -> Option<Cow<'f, Value<'a>>> {
     let mut path: Vec<String> = Vec::new();
-    fn walk<'a>(
-        fields: &dyn Fields<'a>,
+    fn walk<'f, 'a>(
+        fields: &'f dyn Fields<'a>,
         path: &mut Vec<String>,
         rest: &str,
         sep: &str,
-    ) -> Option<Value<'a>> {
+    ) -> Option<Cow<'f, Value<'a>>> {
         path.push(rest.to_string());
         if let Some(v) = fields.get(path) {
             return Some(v);
@@ -280,7 +287,7 @@ fn meta_value<'a>(m: MetaField, value: Option<&[u8]>, meta: &Meta<'_>) -> Option
 
 /// A decoded record (Avro, Protobuf) as fields.
 impl<'a> Fields<'a> for Value<'a> {
-    fn get(&self, path: &[String]) -> Option<Value<'a>> {
+    fn get(&self, path: &[String]) -> Option<Cow<'_, Value<'a>>> {
         let mut cur = self;
         for name in path {
             let Value::Record(fields) = cur else {
@@ -288,7 +295,7 @@ impl<'a> Fields<'a> for Value<'a> {
             };
             cur = &fields.iter().find(|(n, _)| n == name)?.1;
         }
-        Some(cur.clone())
+        Some(Cow::Borrowed(cur))
     }
 
     fn names(&self) -> Vec<Cow<'_, str>> {

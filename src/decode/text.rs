@@ -54,7 +54,7 @@ pub struct Raw {
 struct NoFields;
 
 impl<'a> Fields<'a> for NoFields {
-    fn get(&self, _: &[String]) -> Option<Value<'a>> {
+    fn get(&self, _: &[String]) -> Option<Cow<'_, Value<'a>>> {
         None
     }
     fn names(&self) -> Vec<Cow<'_, str>> {
@@ -115,13 +115,13 @@ struct Cells<'a> {
 }
 
 impl<'a> Fields<'a> for Cells<'a> {
-    fn get(&self, path: &[String]) -> Option<Value<'a>> {
+    fn get(&self, path: &[String]) -> Option<Cow<'_, Value<'a>>> {
         let [name] = path else { return None };
         let i = self.names.iter().position(|n| n == name)?;
-        Some(match self.cells.get(i)? {
+        Some(Cow::Owned(match self.cells.get(i)? {
             None => Value::Null,
             Some(s) => Value::Str(s.clone()),
-        })
+        }))
     }
     fn names(&self) -> Vec<Cow<'_, str>> {
         self.names
