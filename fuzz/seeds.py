@@ -7,7 +7,6 @@ Usage: .venv/bin/python fuzz/seeds.py OUT_DIR   (needs fastavro, grpcio-tools, p
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -15,9 +14,9 @@ import tempfile
 import fastavro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = open(os.path.join(HERE, "fuzz_targets", "decoders.rs"), encoding="utf-8").read()
-AVSC = json.loads(re.search(r'const AVSC: &str = r#"(.*?)"#;', SRC, re.S).group(1))
-PROTO = re.search(r'const PROTO: &str = r#"(.*?)"#;', SRC, re.S).group(1)
+DATA = os.path.join(HERE, "..", "tests", "data")
+AVSC = json.load(open(os.path.join(DATA, "decoders.avsc"), encoding="utf-8"))
+PROTO = open(os.path.join(DATA, "decoders.proto"), encoding="utf-8").read()
 
 
 def seeds():

@@ -30,37 +30,10 @@ const COLUMNS: &[(&str, &str)] = &[
     ("t", "Tuple(x Int128, y LowCardinality(Nullable(String)))"),
 ];
 
-const AVSC: &str = r#"{"type":"record","name":"Row","fields":[
-  {"name":"id","type":"long"},
-  {"name":"name","type":"string"},
-  {"name":"price","type":{"type":"bytes","logicalType":"decimal","precision":18,"scale":4}},
-  {"name":"ts","type":{"type":"long","logicalType":"timestamp-millis"}},
-  {"name":"tags","type":{"type":"array","items":"string"}},
-  {"name":"attrs","type":{"type":"map","values":"int"}},
-  {"name":"score","type":["null","double"]},
-  {"name":"kind","type":{"type":"enum","name":"Kind","symbols":["a","b"]}},
-  {"name":"inner","type":{"type":"record","name":"Inner","fields":[{"name":"city","type":"string"}]}}
-]}"#;
+/// The schemas src/decode/hostile.rs uses too.
+const AVSC: &str = include_str!("../../tests/data/decoders.avsc");
 
-const PROTO: &str = r#"
-syntax = "proto3";
-package f;
-import "google/protobuf/timestamp.proto";
-import "google/protobuf/wrappers.proto";
-message Row {
-  uint64 id = 1;
-  string name = 2;
-  string price = 3;
-  google.protobuf.Timestamp ts = 4;
-  repeated string tags = 5;
-  map<string, int32> attrs = 6;
-  google.protobuf.DoubleValue score = 7;
-  enum Kind { KIND_UNSPECIFIED = 0; a = 1; b = 2; }
-  Kind kind = 8;
-  message Inner { string city = 1; }
-  Inner inner = 9;
-}
-"#;
+const PROTO: &str = include_str!("../../tests/data/decoders.proto");
 
 struct Setup {
     table: TableSchema,
@@ -84,7 +57,7 @@ fn setup() -> Setup {
         "format = \"tsv\"".to_string(),
         format!("format = \"avro\"\nflatten = \"_\"\nschema_file = {avsc:?}"),
         format!(
-            "format = \"protobuf\"\nflatten = \"_\"\nschema_file = {desc:?}\nmessage = \"f.Row\""
+            "format = \"protobuf\"\nflatten = \"_\"\nschema_file = {desc:?}\nmessage = \"h.Row\""
         ),
     ];
     let decoders = routes

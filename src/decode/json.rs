@@ -536,7 +536,9 @@ impl<'a> super::mapping::Fields<'a> for JsonFields<'a> {
                 .find(|(n, _)| n == name)?
                 .1;
         }
-        Some(Cow::Owned(super::value::Value::Json(Cow::Borrowed(cur.get()))))
+        Some(Cow::Owned(super::value::Value::Json(Cow::Borrowed(
+            cur.get(),
+        ))))
     }
 
     fn names(&self) -> Vec<Cow<'_, str>> {
