@@ -1286,8 +1286,7 @@ mod tests {
     use apache_avro::types::Value as Av;
     use apache_avro::{Days, Decimal, Duration, Millis, Months};
 
-    use super::super::registry::fake::{schema_body, serve, Server};
-    use super::super::registry::RegistryConfig;
+    use super::super::registry::fake::{self, schema_body, serve, Server};
     use super::*;
 
     const FULL: &str = r#"{
@@ -1479,14 +1478,7 @@ mod tests {
                 r#"{"error_code":40403,"message":"Schema not found"}"#.into(),
             )
         });
-        let r = Registry::new(&RegistryConfig {
-            url: server.url.clone(),
-            username: None,
-            password: None,
-            ca_file: None,
-            timeout: std::time::Duration::from_secs(5),
-        })
-        .unwrap();
+        let r = Registry::new(&fake::config(&server.url)).unwrap();
         (server, Arc::new(r))
     }
 
@@ -1604,14 +1596,7 @@ mod tests {
                 r#"{"error_code":40403,"message":"Schema not found"}"#.into(),
             ),
         });
-        let reg = Registry::new(&RegistryConfig {
-            url: server.url.clone(),
-            username: None,
-            password: None,
-            ca_file: None,
-            timeout: std::time::Duration::from_secs(5),
-        })
-        .unwrap();
+        let reg = Registry::new(&fake::config(&server.url)).unwrap();
         let mut r = AvroReader::new(None, Some(Arc::new(reg))).unwrap();
         for (id, kind, says) in [
             (1, RecordErrorKind::Schema, "PROTOBUF"),
@@ -2015,14 +2000,7 @@ mod tests {
             "/subjects/inner-value/versions/1" => (200, inner_body.clone()),
             _ => (404, "{}".into()),
         });
-        let reg = Registry::new(&RegistryConfig {
-            url: server.url.clone(),
-            username: None,
-            password: None,
-            ca_file: None,
-            timeout: std::time::Duration::from_secs(5),
-        })
-        .unwrap();
+        let reg = Registry::new(&fake::config(&server.url)).unwrap();
         let mut r = AvroReader::new(None, Some(Arc::new(reg))).unwrap();
         // i = {x: 1}, j = branch 1 {x: -1}
         let msg = framed(10, &[2, 2, 1]);

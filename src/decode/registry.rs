@@ -234,14 +234,7 @@ impl Registry {
         by_id: HashMap<u32, RegisteredSchema>,
         by_subject: HashMap<(String, i32), RegisteredSchema>,
     ) -> Registry {
-        let cfg = RegistryConfig {
-            url: "http://127.0.0.1:9".into(),
-            username: None,
-            password: None,
-            ca_file: None,
-            timeout: Duration::from_secs(1),
-        };
-        let Ok(mut r) = Registry::new(&cfg) else {
+        let Ok(mut r) = Registry::new(&fake::config("http://127.0.0.1:9")) else {
             panic!("the fake registry's configuration is valid");
         };
         r.offline = true;
@@ -557,6 +550,18 @@ pub fn split_confluent(value: &[u8]) -> Result<(u32, &[u8]), String> {
 #[cfg(test)]
 pub(crate) mod fake {
     use std::io::{BufRead, BufReader, Write};
+
+    /// A registry at `url` without credentials or a CA file.
+    pub fn config(url: &str) -> super::RegistryConfig {
+        super::RegistryConfig {
+            url: url.into(),
+            username: None,
+            password: None,
+            ca_file: None,
+            timeout: std::time::Duration::from_secs(5),
+        }
+    }
+
     use std::net::TcpListener;
     use std::sync::{Arc, Mutex};
 
@@ -639,18 +644,8 @@ pub(crate) mod fake {
 
 #[cfg(test)]
 mod tests {
-    use super::fake::{schema_body, serve};
+    use super::fake::{config, schema_body, serve};
     use super::*;
-
-    fn config(url: &str) -> RegistryConfig {
-        RegistryConfig {
-            url: url.into(),
-            username: None,
-            password: None,
-            ca_file: None,
-            timeout: Duration::from_secs(5),
-        }
-    }
 
     fn registry(cfg: &RegistryConfig) -> Registry {
         let mut r = Registry::new(cfg).unwrap();
