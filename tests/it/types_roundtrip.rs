@@ -555,23 +555,30 @@ fn random_table(r: &mut StdRng, i: usize, given: Option<Vec<Ty>>) -> Table {
     };
     let mut extra = Vec::new();
     let mut compared: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
-    // Columns whose value ClickHouse computes, as its own inserts do.
-    if r.random_bool(0.5) {
-        extra.push("d_default String DEFAULT concat('dflt-', toString(id))".into());
-        compared.push("d_default".into());
-    }
-    if r.random_bool(0.5) {
-        extra.push("d_mat UInt64 MATERIALIZED id * 2".into());
-        compared.push("d_mat".into());
-    }
-    if r.random_bool(0.3) {
-        extra.push("d_alias UInt64 ALIAS id + 1".into());
-        compared.push("d_alias".into());
-    }
-    if r.random_bool(0.5) {
-        extra.push("d_eph UInt32 EPHEMERAL".into());
-        extra.push("d_from_eph UInt32 DEFAULT d_eph * 3".into());
-        compared.push("d_from_eph".into());
+    // Columns whose value ClickHouse computes, as its own inserts do: (how
+    // often, the column clauses, the column compared).
+    let computed: [(f64, &[&str], &str); 4] = [
+        (
+            0.5,
+            &["d_default String DEFAULT concat('dflt-', toString(id))"],
+            "d_default",
+        ),
+        (0.5, &["d_mat UInt64 MATERIALIZED id * 2"], "d_mat"),
+        (0.3, &["d_alias UInt64 ALIAS id + 1"], "d_alias"),
+        (
+            0.5,
+            &[
+                "d_eph UInt32 EPHEMERAL",
+                "d_from_eph UInt32 DEFAULT d_eph * 3",
+            ],
+            "d_from_eph",
+        ),
+    ];
+    for (p, clauses, column) in computed {
+        if r.random_bool(p) {
+            extra.extend(clauses.iter().map(|c| c.to_string()));
+            compared.push(column.to_string());
+        }
     }
     let flat = r.random_bool(0.3);
     if flat {
