@@ -232,6 +232,7 @@ pub async fn run(
                 database: s.database.clone(),
                 table: s.table.clone(),
                 history: history.clone(),
+                sql_version: 0,
             }),
             writer: writer.clone(),
             table_name: s.to_string(),

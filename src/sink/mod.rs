@@ -231,6 +231,8 @@ pub struct SchemaWatch {
     pub database: String,
     pub table: String,
     pub history: Arc<crate::schema::drift::History>,
+    /// The version the sink's INSERT statement names the columns of.
+    pub sql_version: u64,
 }
 
 impl SchemaWatch {
@@ -374,7 +376,11 @@ impl<W: Writer> TableSink<W> {
             if let Some(w) = self.schema.as_mut() {
                 w.refresh().await;
                 w.upgrade(batch, &self.topics)?;
-                self.sql = w.current().schema.insert_sql();
+                let current = w.current();
+                if current.version != w.sql_version {
+                    self.sql = current.schema.insert_sql();
+                    w.sql_version = current.version;
+                }
             }
             match self.deliver(batch).await {
                 Err(e) if !checked_again && e.class != ErrorClass::Transient => {
