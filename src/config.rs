@@ -777,7 +777,10 @@ impl Config {
             ("stall_timeout", rest.stall_timeout != self.stall_timeout),
             ("delivery", rest.delivery != self.delivery),
             ("exactly_once", rest.exactly_once != self.exactly_once),
-            ("schema_registry", rest.schema_registry != self.schema_registry),
+            (
+                "schema_registry",
+                rest.schema_registry != self.schema_registry,
+            ),
         ]);
         // A key added later and not named above is refused too.
         if refused.is_empty() && rest != *self {
