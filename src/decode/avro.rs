@@ -120,10 +120,16 @@ impl AvroReader {
     ) -> Result<Writer, RecordError> {
         let registered = registry.by_id(id).map_err(|e| registry_error(id, e))?;
         if registered.schema_type != SchemaType::Avro {
-            return Err(schema_error(format!(
-                "schema id {id} is a {} schema in the registry, and this route's format is avro",
-                registered.schema_type.as_str()
-            )));
+            // The record names a schema of another format: it is the record
+            // that is misplaced (the route's on_error applies).
+            return Err(RecordError {
+                kind: RecordErrorKind::UnknownSchema,
+                column: None,
+                message: format!(
+                    "schema id {id} is a {} schema in the registry, and this route's format is avro",
+                    registered.schema_type.as_str()
+                ),
+            });
         }
         let mut deps = Vec::new();
         let mut seen = Vec::new();
@@ -234,11 +240,7 @@ fn schema_error(message: String) -> RecordError {
 
 fn registry_error(id: u32, e: RegistryError) -> RecordError {
     RecordError {
-        kind: if e.is_transient() {
-            RecordErrorKind::Unavailable
-        } else {
-            RecordErrorKind::Schema
-        },
+        kind: e.record_kind(),
         column: None,
         message: format!("schema id {id}: {e}"),
     }
@@ -1582,6 +1584,9 @@ mod tests {
     }
 
     #[test]
+    /// A schema id the registry does not have, or one of another format, is
+    /// the record's problem (item 10 of the delivery review: it stopped the
+    /// bridge whatever on_error said); a registry that is down is nobody's.
     fn registry_problems_map_to_schema_or_unavailable() {
         let server = serve(|req, _| match req.path.as_str() {
             "/schemas/ids/1" => (
@@ -1599,11 +1604,11 @@ mod tests {
         let reg = Registry::new(&fake::config(&server.url)).unwrap();
         let mut r = AvroReader::new(None, Some(Arc::new(reg))).unwrap();
         for (id, kind, says) in [
-            (1, RecordErrorKind::Schema, "PROTOBUF"),
+            (1, RecordErrorKind::UnknownSchema, "PROTOBUF"),
             (2, RecordErrorKind::Schema, "not a record"),
             (3, RecordErrorKind::Schema, "not a valid Avro schema"),
             (4, RecordErrorKind::Unavailable, "unreachable"),
-            (5, RecordErrorKind::Schema, "not found"),
+            (5, RecordErrorKind::UnknownSchema, "not found"),
         ] {
             let e = r.read(&framed(id, &[2, b'a'])).unwrap_err();
             assert_eq!(e.kind, kind, "{e}");

@@ -52,8 +52,13 @@ pub enum RecordErrorKind {
     UnknownField,
     /// Over one of the route's `limits` (size, nesting depth, array or string length).
     Limit,
-    /// The record's schema does not fit the table, or names a schema that does
-    /// not exist: a configuration problem, so the route stops whatever `on_error` says.
+    /// The record names a schema the registry does not have (or one of
+    /// another format), or a Protobuf message its schema does not define:
+    /// the record is corrupt or misplaced, and follows the route's `on_error`.
+    UnknownSchema,
+    /// The record's schema does not fit the table, or the registry refuses
+    /// chbridge: a configuration problem, so the route stops whatever
+    /// `on_error` says.
     Schema,
     /// The schema registry cannot be reached: nothing is wrong with the record,
     /// so the bridge stops without committing past it and is restarted.
@@ -61,12 +66,13 @@ pub enum RecordErrorKind {
 }
 
 impl RecordErrorKind {
-    pub const ALL: [RecordErrorKind; 7] = [
+    pub const ALL: [RecordErrorKind; 8] = [
         RecordErrorKind::Empty,
         RecordErrorKind::Malformed,
         RecordErrorKind::Conversion,
         RecordErrorKind::UnknownField,
         RecordErrorKind::Limit,
+        RecordErrorKind::UnknownSchema,
         RecordErrorKind::Schema,
         RecordErrorKind::Unavailable,
     ];
@@ -79,6 +85,7 @@ impl RecordErrorKind {
             RecordErrorKind::Conversion => "conversion",
             RecordErrorKind::UnknownField => "unknown_field",
             RecordErrorKind::Limit => "limit",
+            RecordErrorKind::UnknownSchema => "unknown_schema",
             RecordErrorKind::Schema => "schema",
             RecordErrorKind::Unavailable => "unavailable",
         }

@@ -135,7 +135,7 @@ impl RecordReader for ProtobufReader {
                 };
                 let desc = message_at(&file, &self.indexes).ok_or_else(|| {
                     error(
-                        RecordErrorKind::Schema,
+                        RecordErrorKind::UnknownSchema,
                         format!(
                             "message indexes {:?} name no message in schema id {id}",
                             self.indexes
@@ -145,7 +145,7 @@ impl RecordReader for ProtobufReader {
                 if let Some(expected) = message {
                     if desc.full_name() != expected.as_str() {
                         return Err(error(
-                            RecordErrorKind::Schema,
+                            RecordErrorKind::UnknownSchema,
                             format!(
                                 "schema id {id}, indexes {:?}: message `{}`, but the route \
                                  expects `{expected}`",
@@ -177,12 +177,7 @@ fn error(kind: RecordErrorKind, message: String) -> RecordError {
 }
 
 fn registry_error(e: &RegistryError, what: String) -> RecordError {
-    let kind = if e.is_transient() {
-        RecordErrorKind::Unavailable
-    } else {
-        RecordErrorKind::Schema
-    };
-    error(kind, format!("{what}: {e}"))
+    error(e.record_kind(), format!("{what}: {e}"))
 }
 
 fn load_message(path: &Path, message: &str) -> Result<MessageDescriptor, String> {
@@ -308,7 +303,7 @@ fn compile(registry: &Registry, id: u32) -> Result<FileDescriptor, RecordError> 
         .map_err(|e| registry_error(&e, format!("schema id {id}")))?;
     if !matches!(schema.schema_type, SchemaType::Protobuf) {
         return Err(error(
-            RecordErrorKind::Schema,
+            RecordErrorKind::UnknownSchema,
             format!(
                 "schema id {id} is {}, not PROTOBUF",
                 type_name(schema.schema_type)
@@ -1013,32 +1008,42 @@ mod tests {
         r.read(value).err().unwrap()
     }
 
+    /// Item 10 of the delivery review: a schema id or message index that does
+    /// not resolve is the record's problem (on_error applies), not the
+    /// bridge's; a schema that does not compile still stops it.
     #[test]
     fn registry_schema_errors_say_which_schema_and_why() {
+        use RecordErrorKind::{Schema, UnknownSchema};
         let mut r = ProtobufReader::new(None, None, Some(fake_registry())).unwrap();
-        let cases: [(Vec<u8>, &str); 6] = [
-            (framed(99, &[0], &[]), "schema id 99"),
-            (framed(3, &[0], &[]), "AVRO, not PROTOBUF"),
-            (framed(4, &[0], &[]), "does not compile"),
+        let cases: [(Vec<u8>, RecordErrorKind, &str); 6] = [
+            (framed(99, &[0], &[]), UnknownSchema, "schema id 99"),
+            (framed(3, &[0], &[]), UnknownSchema, "AVRO, not PROTOBUF"),
+            (framed(4, &[0], &[]), Schema, "does not compile"),
             (
                 framed(5, &[0], &[]),
+                UnknownSchema,
                 "reference `gone.proto` (subject `gone-value` version 2)",
             ),
             (
                 framed(1, &[2, 10], &[]),
+                UnknownSchema,
                 "indexes [5] name no message in schema id 1",
             ),
-            (framed(1, &[4, 2, 6], &[]), "indexes [1, 3] name no message"),
+            (
+                framed(1, &[4, 2, 6], &[]),
+                UnknownSchema,
+                "indexes [1, 3] name no message",
+            ),
         ];
-        for (value, says) in cases {
+        for (value, kind, says) in cases {
             let e = read_err(&mut r, &value);
-            assert_eq!(e.kind, RecordErrorKind::Schema, "{e}");
+            assert_eq!(e.kind, kind, "{e}");
             assert!(e.message.contains(says), "{e} should say {says}");
         }
         let mut r =
             ProtobufReader::new(None, Some("test.v1.Other"), Some(fake_registry())).unwrap();
         let e = read_err(&mut r, &framed(1, &[2, 2], &[]));
-        assert_eq!(e.kind, RecordErrorKind::Schema);
+        assert_eq!(e.kind, UnknownSchema);
         assert!(
             e.message
                 .contains("`test.v1.Row`, but the route expects `test.v1.Other`"),
@@ -1107,7 +1112,12 @@ mod tests {
                 if let Err(e) = framed_reader.read(&v) {
                     // A flip in the header may name another schema or message.
                     assert!(
-                        matches!(e.kind, RecordErrorKind::Malformed | RecordErrorKind::Schema),
+                        matches!(
+                            e.kind,
+                            RecordErrorKind::Malformed
+                                | RecordErrorKind::Schema
+                                | RecordErrorKind::UnknownSchema
+                        ),
                         "{e}"
                     );
                     flipped_failures += 1;

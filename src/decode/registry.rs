@@ -113,6 +113,20 @@ impl RegistryError {
     pub fn is_transient(&self) -> bool {
         matches!(self, RegistryError::Unavailable { .. })
     }
+
+    /// What the failure makes of the record that named the schema: an
+    /// unreachable registry is nobody's fault (the bridge waits for it), a
+    /// schema the registry does not have is the record's (its route's
+    /// `on_error` applies), a registry that refuses chbridge is a
+    /// configuration problem.
+    pub fn record_kind(&self) -> super::RecordErrorKind {
+        use super::RecordErrorKind as K;
+        match self {
+            RegistryError::Unavailable { .. } => K::Unavailable,
+            RegistryError::NotFound { .. } => K::UnknownSchema,
+            RegistryError::Denied { .. } | RegistryError::Invalid { .. } => K::Schema,
+        }
+    }
 }
 
 /// Pauses before the second and third attempt of a request.
