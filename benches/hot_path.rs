@@ -19,7 +19,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 
 use chbridge::config::Config;
 use chbridge::decode::{decoder_for, Decoder};
-use chbridge::kafka::offsets::{OffsetTracker, Ownership, PartitionKey};
+use chbridge::kafka::offsets::{OffsetTracker, PartitionKey};
 use chbridge::kafka::Record;
 use chbridge::observability::Metrics;
 use chbridge::pipeline::core::{Core, Limits, RouteState, Shared, TableState};
@@ -310,12 +310,7 @@ fn core(schema: &TableSchema) -> Core {
         vec![route],
         vec![TableState::new(schema.to_string(), tx)],
         events,
-        Shared {
-            reloads: None,
-            ownership: Arc::new(Ownership::default()),
-            dead_letters: None,
-            exactly_once: None,
-        },
+        Shared::default(),
         Arc::new(Metrics::new()),
     )
 }

@@ -14,6 +14,8 @@
 //! or fills in the parts that were missing.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 
 use crate::schema::quote_ident;
 
@@ -42,6 +44,36 @@ impl BatchRange {
 
 /// The latest recorded range per (table, topic, partition).
 pub type LatestRanges = HashMap<(String, String, i32), (i64, i64)>;
+
+/// What a [`RangeStore`] call returns.
+pub type StoreFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, clickhouse::error::Error>> + Send + 'a>>;
+
+/// Where batch ranges are recorded before their insert and read back on
+/// assignment. A trait because the recovery and the sink's range write are
+/// unit-tested against [`memory::MemoryStore`]; the real one is the ClickHouse
+/// state table ([`StateStore`], whose SQL tests/it/exactly_once.rs runs
+/// against the real server).
+pub trait RangeStore: Send + Sync {
+    /// `database.table`, for messages.
+    fn name(&self) -> String;
+    /// The latest range of every (table, topic, partition) of the group among `topics`.
+    fn latest<'a>(&'a self, topics: &'a [String]) -> StoreFuture<'a, LatestRanges>;
+    /// Records the ranges of batches about to be inserted.
+    fn record<'a>(&'a self, ranges: &'a [BatchRange]) -> StoreFuture<'a, ()>;
+}
+
+impl RangeStore for StateStore {
+    fn name(&self) -> String {
+        StateStore::name(self)
+    }
+    fn latest<'a>(&'a self, topics: &'a [String]) -> StoreFuture<'a, LatestRanges> {
+        Box::pin(StateStore::latest(self, topics))
+    }
+    fn record<'a>(&'a self, ranges: &'a [BatchRange]) -> StoreFuture<'a, ()> {
+        Box::pin(StateStore::record(self, ranges))
+    }
+}
 
 /// The state table of one consumer group.
 #[derive(Clone)]
@@ -123,7 +155,7 @@ impl StateStore {
     ) -> Result<LatestRanges, clickhouse::error::Error> {
         let sql = format!(
             "SELECT `table`, `topic`, `partition`, max(`first`) AS latest_first, \
-             argMax(`last`, `first`) AS latest_last FROM {} \
+             argMax(`last`, (`first`, `written`)) AS latest_last FROM {} \
              WHERE `group` = ? AND has(?, `topic`) \
              GROUP BY `table`, `topic`, `partition`",
             self.qualified()
@@ -303,6 +335,74 @@ fn setting_value(engine_full: &str, name: &str) -> Option<u64> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
+}
+
+/// An in-memory [`RangeStore`] for unit tests: the same "latest" rule as the
+/// state table's query (highest `first`, the newest write among equal ones),
+/// and writes that fail on cue.
+#[cfg(test)]
+pub mod memory {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::{BatchRange, LatestRanges, RangeStore, StoreFuture};
+
+    #[derive(Default)]
+    pub struct MemoryStore {
+        /// Every range recorded, in order.
+        pub written: Mutex<Vec<BatchRange>>,
+        /// The next this many writes fail as timed out (a transient error).
+        pub fail_writes: AtomicUsize,
+        /// Calls of `latest`.
+        pub reads: AtomicUsize,
+    }
+
+    impl MemoryStore {
+        pub fn with(ranges: &[BatchRange]) -> MemoryStore {
+            let s = MemoryStore::default();
+            s.written.lock().unwrap().extend_from_slice(ranges);
+            s
+        }
+    }
+
+    impl RangeStore for MemoryStore {
+        fn name(&self) -> String {
+            "memory.state".into()
+        }
+
+        fn latest<'a>(&'a self, topics: &'a [String]) -> StoreFuture<'a, LatestRanges> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let mut out = LatestRanges::new();
+            for r in self.written.lock().unwrap().iter() {
+                if !topics.contains(&r.topic) {
+                    continue;
+                }
+                let key = (r.table.clone(), r.topic.clone(), r.partition);
+                // Later writes win among equal `first`s, as `written` makes them.
+                if out.get(&key).is_none_or(|&(f, _)| r.first >= f) {
+                    out.insert(key, (r.first, r.last));
+                }
+            }
+            Box::pin(async move { Ok(out) })
+        }
+
+        fn record<'a>(&'a self, ranges: &'a [BatchRange]) -> StoreFuture<'a, ()> {
+            let fail = self
+                .fail_writes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if !fail {
+                self.written.lock().unwrap().extend_from_slice(ranges);
+            }
+            Box::pin(async move {
+                if fail {
+                    Err(clickhouse::error::Error::TimedOut)
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
 }
 
 #[cfg(test)]

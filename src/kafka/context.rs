@@ -6,6 +6,7 @@
 //! revocation can flush, wait for acknowledgements and commit before the
 //! partitions are given away.
 
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rdkafka::client::ClientContext;
@@ -17,6 +18,7 @@ use rdkafka::TopicPartitionList;
 
 use crate::observability::{Health, Metrics};
 use crate::pipeline::core::Core;
+use crate::sink::SinkEvent;
 
 pub type Consumer = BaseConsumer<BridgeContext>;
 
@@ -24,14 +26,23 @@ pub struct BridgeContext {
     core: Mutex<Core>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Failed commits reach the core through its events: the callback can run
+    /// inside a synchronous commit the core itself makes, lock held.
+    events: std_mpsc::Sender<SinkEvent>,
 }
 
 impl BridgeContext {
-    pub fn new(core: Core, metrics: Arc<Metrics>, health: Arc<Health>) -> BridgeContext {
+    pub fn new(
+        core: Core,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        events: std_mpsc::Sender<SinkEvent>,
+    ) -> BridgeContext {
         BridgeContext {
             core: Mutex::new(core),
             metrics,
             health,
+            events,
         }
     }
 
@@ -102,6 +113,14 @@ impl ClientContext for BridgeContext {
     }
 }
 
+/// The partitions of a list, by topic name.
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
 impl ConsumerContext for BridgeContext {
     fn pre_rebalance(&self, consumer: &Consumer, rebalance: &Rebalance<'_>) {
         match rebalance {
@@ -111,11 +130,11 @@ impl ConsumerContext for BridgeContext {
                     .rebalances
                     .with_label_values(&[if lost { "lost" } else { "revoke" }])
                     .inc();
-                self.core().on_revoke(consumer, tpl, lost);
+                self.core().on_revoke(consumer, &partitions(tpl), lost);
             }
             Rebalance::Assign(tpl) => {
                 self.metrics.rebalances.with_label_values(&["assign"]).inc();
-                self.core().on_assign(tpl);
+                self.core().on_assign(&partitions(tpl));
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -124,7 +143,7 @@ impl ConsumerContext for BridgeContext {
     fn post_rebalance(&self, consumer: &Consumer, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.health.set_joined(true);
-            self.core().after_assign(consumer, tpl);
+            self.core().after_assign(consumer, &partitions(tpl));
         }
         if let Ok(a) = rdkafka::consumer::Consumer::assignment(consumer) {
             self.metrics.assigned_partitions.set(a.count() as i64);
@@ -137,11 +156,9 @@ impl ConsumerContext for BridgeContext {
         if let Err(e) = result {
             self.metrics.commits.with_label_values(&["failed"]).inc();
             tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
-            // Served inside `poll`, where the loop does not hold the lock; if it
-            // ever were held, the next synchronous commit repeats all positions.
-            if let Ok(mut core) = self.core.try_lock() {
-                core.commit_failed(offsets);
-            }
+            let _ = self
+                .events
+                .send(SinkEvent::CommitFailed(partitions(offsets)));
         }
     }
 }

@@ -37,8 +37,13 @@ pub const H_MESSAGE: &str = "chbridge.error.message";
 /// Who waits for a dead letter's acknowledgement.
 pub enum Ticket {
     /// The consumer thread holds the record's offset until the broker has it
-    /// (`table`: index of the table the record failed for).
-    Hold { segment: Segment, table: usize },
+    /// (`table`: index of the table the record failed for, whose memory
+    /// budget the copy counts against for `bytes` until then).
+    Hold {
+        segment: Segment,
+        table: usize,
+        bytes: usize,
+    },
     /// A sink task waits before reporting its batch done.
     Notify(oneshot::Sender<Result<(), String>>),
 }
@@ -58,10 +63,15 @@ impl ProducerContext for DeliveryContext {
             Err((e, _)) => Err(e.to_string()),
         };
         match *ticket {
-            Ticket::Hold { segment, table } => {
+            Ticket::Hold {
+                segment,
+                table,
+                bytes,
+            } => {
                 let _ = self.events.send(SinkEvent::DeadLettered {
                     segment,
                     table,
+                    bytes,
                     error: outcome.err(),
                 });
             }
@@ -116,16 +126,35 @@ fn connection_properties(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// What a dead letter of `origin` costs in memory until the broker has it:
+/// its key, value and headers, plus the headers chbridge adds.
+pub fn size_of(origin: &Record<'_>) -> usize {
+    use rdkafka::message::Headers as _;
+    let headers = origin.headers.map_or(0, |h| {
+        h.iter()
+            .map(|x| x.key.len() + x.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    origin.key.map_or(0, <[u8]>::len) + origin.value.map_or(0, <[u8]>::len) + headers + 512
+}
+
 impl DeadLetters {
+    /// `queue_bytes` bounds what the producer holds unacknowledged: a send
+    /// waits (up to a minute, then fails) rather than grow it further.
     pub fn new(
         cfg: &KafkaConfig,
         events: std_mpsc::Sender<SinkEvent>,
+        queue_bytes: u64,
     ) -> Result<DeadLetters, KafkaError> {
         let mut p = connection_properties(cfg);
         // A dead letter must not be lost or doubled by the producer itself.
         p.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5");
+            .set("linger.ms", "5")
+            .set(
+                "queue.buffering.max.kbytes",
+                (queue_bytes / 1024).max(1024).to_string(),
+            );
         let producer = p.create_with_context(DeliveryContext { events })?;
         let mut fetch = connection_properties(cfg);
         fetch

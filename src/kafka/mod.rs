@@ -1,6 +1,7 @@
 //! The Kafka side: the consumer's settings, its callbacks, and offset tracking.
 
 pub mod context;
+pub mod control;
 pub mod dead_letter;
 pub mod group;
 pub mod offsets;

@@ -117,17 +117,42 @@ impl OffsetTracker {
     }
 
     /// Records that every record up to `offset` was read and placed in its
-    /// batches or skipped; returns the partition's generation.
+    /// batches or skipped; returns the partition's generation. A record read
+    /// again after a seek back (pipeline::rewind) leaves the position where
+    /// reading had got: what lies between is held by the re-read.
     pub fn consumed(&mut self, key: PartitionKey, offset: i64) -> u64 {
         let p = self.state(key);
-        p.next = Some(offset + 1);
+        p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
         p.generation
+    }
+
+    /// The partition's generation and one past the highest offset read so
+    /// far (tracking starts here if the partition was not announced).
+    pub fn read_state(&mut self, key: PartitionKey) -> (u64, Option<i64>) {
+        let p = self.state(key);
+        (p.generation, p.next)
+    }
+
+    /// One past the highest offset of `key` read so far.
+    pub fn read_high(&self, key: PartitionKey) -> Option<i64> {
+        self.parts.get(&key).and_then(|p| p.next)
+    }
+
+    /// The generation of `key` if it is tracked.
+    pub fn generation_of(&self, key: PartitionKey) -> Option<u64> {
+        self.parts.get(&key).map(|p| p.generation)
     }
 
     /// Holds `offset` back until the batch that now starts holding the
     /// partition's records is acknowledged.
+    /// A hold for an earlier assignment counts for nothing (its release is
+    /// ignored as well), so that it cannot pin the new owner's position.
     pub fn hold(&mut self, key: PartitionKey, generation: u64, offset: i64) -> Segment {
-        if let Some(p) = self.parts.get_mut(&key) {
+        if let Some(p) = self
+            .parts
+            .get_mut(&key)
+            .filter(|p| p.generation == generation)
+        {
             *p.pending.entry(offset).or_insert(0) += 1;
         }
         Segment {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub insert_errors: IntCounterVec,
     /// Insert attempts repeated after a transient failure, by table.
     pub insert_retries: IntCounterVec,
+    pub records_redecoded: IntCounterVec,
+    pub replays: IntCounterVec,
     /// Offset last committed, by topic and partition (librdkafka's statistics).
     pub committed_offset: IntGaugeVec,
     /// Commit requests, by result (sent, failed).
@@ -197,7 +199,19 @@ impl Metrics {
             insert_retries: counter(
                 &r,
                 "chbridge_insert_retries_total",
-                "Insert attempts repeated after a transient failure",
+                "Insert attempts repeated after a transient failure, by ClickHouse's error code (none: no answer)",
+                &["table", "code"],
+            ),
+            records_redecoded: counter(
+                &r,
+                "chbridge_records_redecoded_total",
+                "Records read again from Kafka for a table: after its columns changed, or once it was checked after a record failed",
+                &["table"],
+            ),
+            replays: counter(
+                &r,
+                "chbridge_exactly_once_replays_total",
+                "Exactly-once: recorded batch ranges cut again after an assignment, to be inserted with their token",
                 &["table"],
             ),
             committed_offset: gauge_vec(
@@ -312,8 +326,9 @@ impl Metrics {
             &self.rows_inserted,
             &self.insert_bytes,
             &self.batches_inserted,
-            &self.insert_retries,
             &self.bisect_inserts,
+            &self.records_redecoded,
+            &self.replays,
         ] {
             c.with_label_values(&[table]);
         }

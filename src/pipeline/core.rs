@@ -5,32 +5,33 @@
 //! (full or old) -> the table's sink task -> acknowledgement back here ->
 //! offsets released -> commit. Offsets travel with the data as the batch's
 //! segments; only an acknowledgement, or a record skipped by policy, releases
-//! them (see `kafka::offsets` for the rule itself).
+//! them (see `kafka::offsets` for the rule itself). A table whose columns
+//! changed reads its unacknowledged records again (`pipeline::rewind`).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::IntCounter;
-use rdkafka::consumer::{CommitMode, Consumer as _};
-use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OnError};
-use crate::decode::{Decoder, RecordErrorKind};
-use crate::exactly_once::{BatchRange, StateStore};
-use crate::kafka::context::Consumer;
+use crate::decode::{RecordError, RecordErrorKind};
+use crate::exactly_once::{BatchRange, RangeStore};
+use crate::kafka::control::{ConsumerControl, TopicPartition};
 use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{FastMap, FastSet, OffsetTracker, Ownership, PartitionKey, Segment};
 use crate::kafka::Record;
 use crate::observability::Metrics;
-use crate::schema::drift::Versioned;
-use crate::sink::{InsertError, ReadyBatch, RowOrigin, SinkEvent};
-use tokio::sync::watch;
+use crate::schema::drift::{History, Versioned};
+use crate::sink::{InsertError, ReadyBatch, RowOrigin, SinkEvent, ROW_ORIGIN_BYTES};
 
+use super::rewind::{Admit, Reread};
+use super::route::FailureRate;
+pub use super::route::RouteState;
 use super::PipelineError;
 
 /// Limits the core enforces, taken from the configuration.
@@ -91,131 +92,33 @@ impl Reload {
     }
 }
 
+/// What the consumer loop does after a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on polling.
+    Go,
+    /// Go on after the housekeeping: a table reached its share of the
+    /// memory budget, so its batch closes and its topics pause now.
+    Service,
+    /// Stop taking records: drain, commit what was acknowledged, exit.
+    Stop,
+}
+
+/// Why placing a record stops short.
+enum Halt {
+    /// The bridge stops with this error; the record is taken back.
+    Stop(PipelineError),
+    /// The route's topic stops (too many failures); the record is taken back.
+    StopTopic(PipelineError),
+    /// A shutdown was asked for while the record waited for ClickHouse.
+    Quit,
+}
+
 pub struct TopicState {
     pub name: String,
     /// Indexes into `Core::routes`.
     pub routes: Vec<usize>,
     consumed: IntCounter,
-}
-
-pub struct RouteState {
-    pub table: usize,
-    pub decoder: Box<dyn Decoder>,
-    /// To build the decoder again when the table changes.
-    config: crate::config::RouteConfig,
-    pub on_error: OnError,
-    pub dead_letter_topic: Option<String>,
-    /// Failure counters by reason, created on first use.
-    failed: HashMap<&'static str, IntCounter>,
-    skipped_log: LogBudget,
-    rate: FailureRate,
-}
-
-/// Caps per-record warnings so that a flood of bad records cannot flood the
-/// logs: the first few each second are logged with where they came from, the
-/// rest are counted and summarised (the metric counts every one).
-struct LogBudget {
-    window: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogBudget {
-    const PER_SECOND: u32 = 10;
-
-    fn new() -> LogBudget {
-        LogBudget {
-            window: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// True when this event may be logged; reports what was held back in the last window.
-    fn allow(&mut self, table: &str) -> bool {
-        if self.window.elapsed() >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                tracing::warn!(
-                    table,
-                    suppressed = self.suppressed,
-                    "more records failed than logged individually; \
-                     chbridge_records_failed_total counts them all"
-                );
-            }
-            self.window = Instant::now();
-            self.logged = 0;
-            self.suppressed = 0;
-        }
-        if self.logged < Self::PER_SECOND {
-            self.logged += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
-
-/// The share of a route's records that failed over a sliding window,
-/// estimated from the current and the previous window's counts.
-struct FailureRate {
-    window: Duration,
-    max_ratio: f64,
-    started: Instant,
-    current: (f64, f64),
-    previous: (f64, f64),
-}
-
-impl FailureRate {
-    /// Failures are judged only over at least this many records.
-    const MIN_RECORDS: f64 = 100.0;
-
-    fn new(window: Duration, max_ratio: f64) -> FailureRate {
-        FailureRate {
-            window,
-            max_ratio,
-            started: Instant::now(),
-            current: (0.0, 0.0),
-            previous: (0.0, 0.0),
-        }
-    }
-
-    /// Counts a record that became a row. Per record, so no clock: the
-    /// window rolls in `Core::service` and before each failure is judged.
-    fn success(&mut self) {
-        self.current.1 += 1.0;
-    }
-
-    /// Counts a failed record; returns (failed, total) over the window when
-    /// the share of failures is above the limit.
-    fn failure(&mut self, now: Instant) -> Option<(u64, u64)> {
-        if self.max_ratio >= 1.0 {
-            return None;
-        }
-        self.roll(now);
-        self.current.0 += 1.0;
-        self.current.1 += 1.0;
-        let weight = 1.0
-            - now.saturating_duration_since(self.started).as_secs_f64() / self.window.as_secs_f64();
-        let total = self.current.1 + self.previous.1 * weight;
-        let bad = self.current.0 + self.previous.0 * weight;
-        (total >= Self::MIN_RECORDS && bad / total > self.max_ratio)
-            .then_some((bad.round() as u64, total.round() as u64))
-    }
-
-    /// Starts a new window once the current one is over.
-    fn roll(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.started);
-        if elapsed >= self.window {
-            self.previous = if elapsed < self.window * 2 {
-                self.current
-            } else {
-                (0.0, 0.0)
-            };
-            self.current = (0.0, 0.0);
-            self.started = now;
-        }
-    }
 }
 
 /// A batch being filled.
@@ -233,6 +136,8 @@ struct OpenBatch {
     /// Exactly-once: a range a previous owner recorded, cut at exactly its end.
     replay_last: Option<i64>,
     schema_version: u64,
+    /// What the batch counts for in its table's `buffered` (body and rows).
+    accounted: usize,
 }
 
 /// Exactly-once: what the state table says of a (table, partition) newly
@@ -254,6 +159,16 @@ enum Step {
     Place { replay: Option<(i64, i64)> },
 }
 
+/// A check of a table's columns the core asked for.
+#[derive(Default)]
+struct SchemaCheck {
+    /// When the last check answered (or failed).
+    last: Option<Instant>,
+    /// Asked for and not answered yet: per partition, one past the highest
+    /// offset read when it was asked.
+    pending: Option<FastMap<PartitionKey, i64>>,
+}
+
 pub struct TableState {
     pub name: String,
     /// At-least-once: at most one batch. Exactly-once: one per partition.
@@ -261,16 +176,31 @@ pub struct TableState {
     tx: mpsc::Sender<ReadyBatch>,
     /// Closed batches the sink's queue had no room for yet.
     waiting: VecDeque<ReadyBatch>,
+    /// Batches handed to the sink that it has not answered for.
+    in_sink: usize,
     /// Size to pre-allocate for the next batch (the last batch's size).
     capacity_hint: usize,
-    /// Encoded bytes of this table's open, waiting and in-flight batches.
+    /// What this table holds in memory: its open, waiting and in-flight
+    /// batches (as accounted when they grew) and its dead letters the broker
+    /// has not acknowledged. The only place the budget is counted.
     buffered: usize,
     recovery: FastMap<PartitionKey, Recovery>,
     /// The schema version the routes' decoders encode for, and where the
     /// sink announces a new one.
     schema_version: u64,
     schema_feed: Option<watch::Receiver<Versioned>>,
-    schema_history: Option<Arc<crate::schema::drift::History>>,
+    schema_history: Option<Arc<History>>,
+    /// Records read again for this table (see `pipeline::rewind`).
+    reread: Reread,
+    /// Per partition: records below this offset were read before the last
+    /// check of the table's columns, so a failure of theirs is judged
+    /// against columns read after them.
+    checked: FastMap<PartitionKey, i64>,
+    check: SchemaCheck,
+    /// Exactly-once: per partition, offsets whose dead letters the broker
+    /// has not acknowledged. A batch whose range reaches one is not sent:
+    /// once its range is recorded, recovery would skip the record for good.
+    dead_letters: FastMap<PartitionKey, BTreeMap<i64, u32>>,
 }
 
 impl TableState {
@@ -280,12 +210,17 @@ impl TableState {
             open: Vec::new(),
             tx,
             waiting: VecDeque::new(),
+            in_sink: 0,
             capacity_hint: 64 * 1024,
             buffered: 0,
             recovery: FastMap::default(),
             schema_version: 0,
             schema_feed: None,
             schema_history: None,
+            reread: Reread::default(),
+            checked: FastMap::default(),
+            check: SchemaCheck::default(),
+            dead_letters: FastMap::default(),
         }
     }
 
@@ -293,7 +228,7 @@ impl TableState {
     pub fn with_schema_feed(
         mut self,
         feed: watch::Receiver<Versioned>,
-        history: Arc<crate::schema::drift::History>,
+        history: Arc<History>,
     ) -> TableState {
         self.schema_version = feed.borrow().version;
         self.schema_feed = Some(feed);
@@ -305,7 +240,32 @@ impl TableState {
         self.open.iter().position(|b| b.partition == partition)
     }
 
-    /// Exactly-once: settles the recovery of `key` with the record at `offset`.
+    /// Whether a failure of record `offset` of `key` was read before the
+    /// last check of the table's columns (a table that cannot be checked is
+    /// always judged as it is).
+    fn covers(&self, key: PartitionKey, offset: i64) -> bool {
+        self.schema_history.is_none() || self.checked.get(&key).is_some_and(|&h| offset < h)
+    }
+
+    /// Exactly-once: whether `batch` must wait for a dead letter below its end.
+    fn gated(&self, batch: &ReadyBatch) -> bool {
+        batch.range.as_ref().is_some_and(|r| {
+            batch.segments.iter().any(|s| {
+                self.dead_letters
+                    .get(&s.key)
+                    .and_then(|m| m.keys().next())
+                    .is_some_and(|&o| o <= r.last)
+            })
+        })
+    }
+
+    /// Whether an open batch replays a recorded range of `key` not yet read to its end.
+    fn replaying(&self, key: PartitionKey) -> bool {
+        self.open
+            .iter()
+            .any(|b| b.partition == Some(key) && b.replay_last.is_some())
+    }
+
     fn recovery_step(&mut self, key: PartitionKey, offset: i64, topic: &str) -> Step {
         loop {
             let Some(r) = self.recovery.get(&key).copied() else {
@@ -354,35 +314,25 @@ impl TableState {
     }
 }
 
-impl RouteState {
-    pub fn new(
-        table: usize,
-        decoder: Box<dyn Decoder>,
-        route: &crate::config::RouteConfig,
-    ) -> RouteState {
-        RouteState {
-            table,
-            decoder,
-            config: route.clone(),
-            on_error: route.on_error,
-            dead_letter_topic: route.dead_letter_topic.clone(),
-            failed: HashMap::new(),
-            skipped_log: LogBudget::new(),
-            rate: FailureRate::new(route.failed_window, route.max_failed_ratio),
-        }
-    }
-}
-
 /// Exactly-once: where recorded ranges are read on assignment.
 pub struct ExactlyOnce {
-    pub state: StateStore,
+    pub state: Arc<dyn RangeStore>,
     pub runtime: tokio::runtime::Handle,
     pub retry: crate::config::RetryConfig,
-    /// A shutdown stops waiting for ClickHouse on assignment.
-    pub stop: CancellationToken,
     /// Waiting for ClickHouse on assignment is not a stuck loop: `/healthz`
     /// stays green (`/readyz` shows ClickHouse unreachable).
     pub health: Arc<crate::observability::Health>,
+}
+
+/// Where the core reads a table's columns when a failed record asks for a
+/// check, and adds columns (`auto_add_columns`). Answers come back on the
+/// events channel, so the consumer thread never waits for ClickHouse here.
+pub struct ClickHouseAccess {
+    pub client: clickhouse::Client,
+    pub runtime: tokio::runtime::Handle,
+    pub events: std_mpsc::Sender<SinkEvent>,
+    /// Bounds every request (the inserts' timeout).
+    pub timeout: Duration,
 }
 
 pub struct Core {
@@ -395,8 +345,13 @@ pub struct Core {
     ownership: Arc<Ownership>,
     events: std_mpsc::Receiver<SinkEvent>,
     last_commit: Instant,
-    /// Topics (indexes) whose partitions are paused because they feed full tables.
+    /// Topics (indexes) that feed full tables; their partitions are paused
+    /// except those replaying a recorded range (`pause_state`).
     paused: BTreeSet<u32>,
+    /// The partitions paused now.
+    paused_partitions: BTreeSet<PartitionKey>,
+    /// The last pause left a replaying partition of a paused topic running.
+    pause_exempt: bool,
     /// Set once the final drain ran: the revocation that closing the consumer
     /// triggers must not wait for ClickHouse a second time.
     closing: bool,
@@ -420,7 +375,12 @@ pub struct Core {
     reloads: Option<std_mpsc::Receiver<Reload>>,
     /// For decoders built again after a table changed.
     registry: Option<Arc<crate::decode::registry::Registry>>,
-    auto_add: Option<AutoAdd>,
+    clickhouse: Option<ClickHouseAccess>,
+    /// `auto_add_columns`: columns added so far per table.
+    auto_added: Option<FastMap<usize, usize>>,
+    /// A shutdown was asked for: every drain ends by `stop_deadline`.
+    stop: CancellationToken,
+    stop_deadline: Option<Instant>,
     metrics: Arc<Metrics>,
 }
 
@@ -434,17 +394,14 @@ struct Watchdog {
     stalled: FastSet<PartitionKey>,
 }
 
-/// `auto_add_columns`: where columns are added, and how many so far per table.
-struct AutoAdd {
-    client: clickhouse::Client,
-    runtime: tokio::runtime::Handle,
-    added: FastMap<usize, usize>,
-}
-
 /// At most this many columns are added to one table per run: a producer
 /// that puts ids or timestamps into field names must not grow a table
 /// without bound.
 const MAX_AUTO_ADDED_COLUMNS: usize = 100;
+
+/// Checks of a table's columns that failed records ask for are at least
+/// this far apart: a flood of bad records costs one query a second.
+pub const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A table's batch state before a record was appended to it.
 struct Undo {
@@ -455,6 +412,8 @@ struct Undo {
     rows: usize,
     segments: usize,
     oldest_timestamp_ms: Option<i64>,
+    last: i64,
+    accounted: usize,
 }
 
 /// What the pipeline shares with the sink tasks and the dead-letter producer.
@@ -464,6 +423,24 @@ pub struct Shared {
     pub ownership: Arc<Ownership>,
     pub dead_letters: Option<Arc<DeadLetters>>,
     pub exactly_once: Option<ExactlyOnce>,
+    pub clickhouse: Option<ClickHouseAccess>,
+    /// Cancelled when a shutdown is asked for (SIGTERM, SIGINT).
+    pub stop: CancellationToken,
+}
+
+impl Default for Shared {
+    /// Nothing shared: at-least-once, no dead letters, no ClickHouse access
+    /// (benchmarks and unit tests).
+    fn default() -> Shared {
+        Shared {
+            reloads: None,
+            ownership: Arc::new(Ownership::default()),
+            dead_letters: None,
+            exactly_once: None,
+            clickhouse: None,
+            stop: CancellationToken::new(),
+        }
+    }
 }
 
 impl Core {
@@ -500,6 +477,8 @@ impl Core {
             events,
             last_commit: Instant::now(),
             paused: BTreeSet::new(),
+            paused_partitions: BTreeSet::new(),
+            pause_exempt: false,
             closing: false,
             fatal: None,
             refused: Vec::new(),
@@ -510,15 +489,17 @@ impl Core {
             recovered: FastSet::default(),
             stopped_topics: BTreeSet::new(),
             registry: None,
-            auto_add: None,
+            clickhouse: shared.clickhouse,
+            auto_added: None,
             watchdog: Watchdog::default(),
             reloads: shared.reloads,
+            stop: shared.stop,
+            stop_deadline: None,
             metrics,
         }
     }
 
-    /// Encoded bytes in open batches plus batches handed to sinks and not
-    /// yet acknowledged, over all tables.
+    /// What is held in memory, over all tables (see `TableState::buffered`).
     fn buffered_bytes(&self) -> usize {
         self.tables.iter().map(|t| t.buffered).sum()
     }
@@ -537,261 +518,426 @@ impl Core {
             .map(|&topic| PartitionKey { topic, partition })
     }
 
+    fn keys_of(&self, partitions: &[TopicPartition]) -> Vec<PartitionKey> {
+        partitions
+            .iter()
+            .filter_map(|(t, p)| self.key(t, *p))
+            .collect()
+    }
+
+    fn topic_partition(&self, key: PartitionKey) -> TopicPartition {
+        (self.topics[key.topic as usize].name.clone(), key.partition)
+    }
+
     fn fail(&mut self, e: PipelineError) {
         if self.fatal.is_none() {
             self.fatal = Some(e);
         }
     }
 
+    /// `auto_add_columns` is on for some route.
+    pub fn set_auto_add(&mut self) {
+        self.auto_added = Some(FastMap::default());
+    }
+
+    /// The decoders to use the registry when they are built again.
+    pub fn set_registry(&mut self, registry: Option<Arc<crate::decode::registry::Registry>>) {
+        self.registry = registry;
+    }
+
+    // ------------------------------------------------------------ records
+
     /// Places one record into the batch of every table its topic is routed
     /// to. A record that fails a route with `on_error = "stop"` becomes the
     /// fatal error, and its offset is not released: the commit stays below it.
-    /// Returns false once the loop must stop taking records.
-    pub fn on_record(&mut self, rec: &Record<'_>) -> bool {
+    pub fn on_record(&mut self, rec: &Record<'_>) -> Flow {
         let Some(key) = self.key(rec.topic, rec.partition) else {
-            return true;
+            return Flow::Go;
         };
         // A stopped route's topic: records still in librdkafka's queue when
         // it was paused are neither placed nor consumed, so the commit stays
         // below them.
         if self.stopped_topics.contains(&key.topic) {
-            return true;
+            return Flow::Go;
         }
-        let eos = self.exactly_once.is_some();
-        if eos && !self.recovered.contains(&key) && !self.recover(&[key]) {
-            return false;
+        if self.exactly_once.is_some() && !self.recovered.contains(&key) && !self.recover(&[key]) {
+            return Flow::Stop;
         }
-        let generation = self.tracker.generation(key);
+        let (generation, high) = self.tracker.read_state(key);
+        // Read before: a table reads it again after a seek back.
+        let seen = high.is_some_and(|h| rec.offset < h);
         let ti = key.topic as usize;
-        if self.auto_add.is_some() && !self.add_new_columns(ti, rec) {
-            return false;
+        if !seen {
+            self.topics[ti].consumed.inc();
         }
-        self.topics[ti].consumed.inc();
         self.undo.clear();
+        let mut full = false;
         for i in 0..self.topics[ti].routes.len() {
-            let route_idx = self.topics[ti].routes[i];
-            let route = &mut self.routes[route_idx];
-            let table_idx = route.table;
-            let table = &mut self.tables[table_idx];
-            let slot = eos.then_some(key);
-            let replay = if eos {
-                match table.recovery_step(key, rec.offset, rec.topic) {
-                    Step::Skip => continue,
-                    Step::Place { replay } => {
-                        // A recovered range ends here or before: cut it first.
-                        if replay.is_none() {
-                            if let Some(bi) = table.batch_index(slot) {
-                                if table.open[bi].replay_last.is_some() {
-                                    self.close_batch(table_idx, bi);
-                                }
-                            }
-                        }
-                        replay
-                    }
+            let route = self.topics[ti].routes[i];
+            match self.route_record(route, key, generation, seen, rec) {
+                Ok(table_full) => full |= table_full,
+                Err(Halt::Stop(e)) => {
+                    self.take_back_record();
+                    self.fail(e);
+                    return Flow::Stop;
                 }
-            } else {
-                None
-            };
-            let route = &mut self.routes[route_idx];
-            let table = &mut self.tables[table_idx];
-            let (bi, created) = match table.batch_index(slot) {
-                Some(bi) => (bi, false),
-                None => {
-                    let (first, replay_last) = match replay {
-                        Some((first, last)) => (first, Some(last)),
-                        None => (rec.offset, None),
-                    };
-                    // A replayed range holds the commit at its start, not at
-                    // its first row: a commit past `first` tells the next
-                    // owner that the whole range is in (see Recovery).
-                    let segments = match replay {
-                        Some((first, _)) => vec![self.tracker.hold(key, generation, first)],
-                        None => Vec::new(),
-                    };
-                    table.open.push(OpenBatch {
-                        partition: slot,
-                        body: Vec::with_capacity(table.capacity_hint),
-                        rows: Vec::new(),
-                        segments,
-                        opened: Instant::now(),
-                        oldest_timestamp_ms: None,
-                        first,
-                        last: rec.offset,
-                        replay_last,
-                        schema_version: table.schema_version,
-                    });
-                    (table.open.len() - 1, true)
+                Err(Halt::StopTopic(e)) => {
+                    self.take_back_record();
+                    self.stop_topic(key.topic, route, e);
+                    return Flow::Go;
                 }
-            };
-            let batch = &mut table.open[bi];
-            let before = Undo {
-                table: table_idx,
-                partition: slot,
-                created,
-                body_len: batch.body.len(),
-                rows: batch.rows.len(),
-                segments: batch.segments.len(),
-                oldest_timestamp_ms: batch.oldest_timestamp_ms,
-            };
-            batch.last = rec.offset;
-            match route.decoder.decode(rec, &mut batch.body) {
-                Ok(()) => {
-                    batch.rows.push(RowOrigin {
-                        end: batch.body.len(),
-                        key,
-                        offset: rec.offset,
-                    });
-                    if let Some(ts) = rec.timestamp_ms {
-                        batch.oldest_timestamp_ms =
-                            Some(batch.oldest_timestamp_ms.map_or(ts, |o| o.min(ts)));
-                    }
-                    if !batch
-                        .segments
-                        .iter()
-                        .any(|s| s.key == key && s.generation == generation)
-                    {
-                        let seg = self.tracker.hold(key, generation, rec.offset);
-                        batch.segments.push(seg);
-                    }
-                    let added = batch.body.len() - before.body_len;
-                    table.buffered += added;
-                    self.undo.push(before);
-                    route.rate.success();
-                }
-                Err(error) => {
-                    batch.body.truncate(before.body_len);
-                    let empty = batch.rows.is_empty();
-                    // A batch opened for this record only: it has no rows
-                    // to insert (unless it replays a recorded range, whose
-                    // end must still be honoured).
-                    if created && empty && replay.is_none() {
-                        table.open.pop();
-                    }
-                    let reason = error.kind.as_str();
-                    let counter = route.failed.entry(reason).or_insert_with(|| {
-                        self.metrics.records_failed.with_label_values(&[
-                            rec.topic,
-                            &table.name,
-                            reason,
-                        ])
-                    });
-                    counter.inc();
-                    // Not the record's fault: a schema that does not fit the
-                    // table, or a registry that cannot be reached. Skipping or
-                    // dead-lettering would divert good records; stop without
-                    // committing past it instead, whatever `on_error` says.
-                    if matches!(
-                        error.kind,
-                        RecordErrorKind::Schema | RecordErrorKind::Unavailable
-                    ) {
-                        let what = format!(
-                            "record {}[{}] at offset {} for {}: {error}; nothing at or after it was committed",
-                            rec.topic, rec.partition, rec.offset, table.name
-                        );
-                        self.fatal = Some(if error.kind == RecordErrorKind::Unavailable {
-                            PipelineError::Unavailable(what)
-                        } else {
-                            PipelineError::Config(what)
-                        });
-                        self.take_back_record();
-                        return false;
-                    }
-                    if let Some((failed, total)) = route.rate.failure(Instant::now()) {
-                        let e = PipelineError::TooManyFailures {
-                            route: route_idx,
-                            table: table.name.clone(),
-                            failed,
-                            total,
-                            window: route.rate.window,
-                            max_ratio: route.rate.max_ratio,
-                            last: format!(
-                                "{}[{}] at offset {}: {error}",
-                                rec.topic, rec.partition, rec.offset
-                            ),
-                        };
-                        self.take_back_record();
-                        self.stop_topic(key.topic, route_idx, e);
-                        return true;
-                    }
-                    match route.on_error {
-                        OnError::Skip => {
-                            if route.skipped_log.allow(&table.name) {
-                                tracing::warn!(
-                                    topic = rec.topic,
-                                    partition = rec.partition,
-                                    offset = rec.offset,
-                                    table = %table.name,
-                                    error = %error,
-                                    "skipped a record that cannot become a row (on_error = \"skip\")"
-                                )
-                            }
-                        }
-                        OnError::DeadLetter => {
-                            let (Some(dl), Some(dlq)) =
-                                (&self.dead_letters, &route.dead_letter_topic)
-                            else {
-                                self.fatal = Some(PipelineError::Internal(format!(
-                                    "route {route_idx} has on_error = \"dead-letter\" but no dead-letter producer"
-                                )));
-                                self.take_back_record();
-                                return false;
-                            };
-                            if route.skipped_log.allow(&table.name) {
-                                tracing::warn!(
-                                    topic = rec.topic,
-                                    partition = rec.partition,
-                                    offset = rec.offset,
-                                    table = %table.name,
-                                    dead_letter_topic = %dlq,
-                                    error = %error,
-                                    "sent a record that cannot become a row to the dead-letter topic"
-                                )
-                            }
-                            let seg = self.tracker.hold(key, generation, rec.offset);
-                            let message = error.to_string();
-                            let failure = Failure {
-                                table: &table.name,
-                                class: error.kind.as_str(),
-                                message: &message,
-                            };
-                            if let Err(why) = dl.send(
-                                dlq,
-                                rec,
-                                &failure,
-                                Ticket::Hold {
-                                    segment: seg,
-                                    table: table_idx,
-                                },
-                            ) {
-                                self.tracker.release(&seg);
-                                self.fatal = Some(PipelineError::DeadLetter(format!(
-                                    "{why} (record {}[{}] at offset {}); nothing at or after it was committed",
-                                    rec.topic, rec.partition, rec.offset
-                                )));
-                                self.take_back_record();
-                                return false;
-                            }
-                        }
-                        OnError::Stop => {
-                            self.fatal = Some(PipelineError::BadRecord {
-                                topic: rec.topic.to_string(),
-                                partition: rec.partition,
-                                offset: rec.offset,
-                                table: table.name.clone(),
-                                error,
-                            });
-                            self.take_back_record();
-                            return false;
-                        }
-                    }
+                Err(Halt::Quit) => {
+                    self.take_back_record();
+                    return Flow::Stop;
                 }
             }
         }
         self.tracker.consumed(key, rec.offset);
-        // Close what is full, and exactly-once batches that reached the end
-        // of a recorded range (also when the last record of it failed).
-        for r in 0..self.topics[ti].routes.len() {
-            let table_idx = self.routes[self.topics[ti].routes[r]].table;
+        self.close_full(ti, key, rec.offset);
+        if full {
+            Flow::Service
+        } else {
+            Flow::Go
+        }
+    }
+
+    /// One record for one route: re-reading, exactly-once recovery, new
+    /// columns, decoding, and the route's policy when it fails. True when
+    /// the route's table reached its share of the memory budget.
+    fn route_record(
+        &mut self,
+        route_idx: usize,
+        key: PartitionKey,
+        generation: u64,
+        seen: bool,
+        rec: &Record<'_>,
+    ) -> Result<bool, Halt> {
+        let ti = self.routes[route_idx].table;
+        let t = &mut self.tables[ti];
+        match t
+            .reread
+            .admit(&mut self.tracker, key, generation, rec.offset, seen)
+        {
+            Admit::Skip | Admit::Defer => return Ok(false),
+            Admit::Take => {}
+        }
+        if seen {
+            self.metrics
+                .records_redecoded
+                .with_label_values(&[&t.name])
+                .inc();
+        }
+        let replay = if self.exactly_once.is_some() {
+            match t.recovery_step(key, rec.offset, rec.topic) {
+                Step::Skip => return Ok(false),
+                Step::Place { replay } => {
+                    // A recovered range ends here or before: cut it first.
+                    let ended = t
+                        .batch_index(Some(key))
+                        .filter(|&bi| replay.is_none() && t.open[bi].replay_last.is_some());
+                    if let Some(bi) = ended {
+                        self.close_batch(ti, bi);
+                    }
+                    replay
+                }
+            }
+        } else {
+            None
+        };
+        if self.routes[route_idx].config.auto_add_columns && !seen {
+            self.add_new_columns(route_idx, key, generation, rec)?;
+            // Adding columns makes the table read its pending records again.
+            let t = &mut self.tables[ti];
+            if let Some(r) = &mut t.reread.rewind {
+                r.lower(&mut self.tracker, key, generation, rec.offset);
+                return Ok(false);
+            }
+        }
+        match self.decode_into(route_idx, key, generation, replay, rec) {
+            Ok(()) => Ok(self.tables[ti].buffered >= self.table_share()),
+            Err(error) => self
+                .on_failure(route_idx, key, generation, rec, error)
+                .map(|()| false),
+        }
+    }
+
+    /// Decodes the record into its table's open batch (creating it), or
+    /// leaves the batch as it was and says why not.
+    fn decode_into(
+        &mut self,
+        route_idx: usize,
+        key: PartitionKey,
+        generation: u64,
+        replay: Option<(i64, i64)>,
+        rec: &Record<'_>,
+    ) -> Result<(), RecordError> {
+        let route = &mut self.routes[route_idx];
+        let ti = route.table;
+        let slot = self.exactly_once.is_some().then_some(key);
+        let table = &mut self.tables[ti];
+        let (bi, created) = match table.batch_index(slot) {
+            Some(bi) => (bi, false),
+            None => {
+                let (first, replay_last) = match replay {
+                    Some((first, last)) => (first, Some(last)),
+                    None => (rec.offset, None),
+                };
+                // A replayed range holds the commit at its start, not at
+                // its first row: a commit past `first` tells the next
+                // owner that the whole range is in (see Recovery).
+                let segments = match replay {
+                    Some((first, _)) => {
+                        self.metrics.replays.with_label_values(&[&table.name]).inc();
+                        vec![self.tracker.hold(key, generation, first)]
+                    }
+                    None => Vec::new(),
+                };
+                table.open.push(OpenBatch {
+                    partition: slot,
+                    body: Vec::with_capacity(table.capacity_hint),
+                    rows: Vec::new(),
+                    segments,
+                    opened: Instant::now(),
+                    oldest_timestamp_ms: None,
+                    first,
+                    last: first,
+                    replay_last,
+                    schema_version: table.schema_version,
+                    accounted: 0,
+                });
+                (table.open.len() - 1, true)
+            }
+        };
+        let batch = &mut table.open[bi];
+        let before = Undo {
+            table: ti,
+            partition: slot,
+            created,
+            body_len: batch.body.len(),
+            rows: batch.rows.len(),
+            segments: batch.segments.len(),
+            oldest_timestamp_ms: batch.oldest_timestamp_ms,
+            last: batch.last,
+            accounted: batch.accounted,
+        };
+        match route.decoder.decode(rec, &mut batch.body) {
+            Ok(()) => {
+                batch.rows.push(RowOrigin {
+                    end: batch.body.len(),
+                    key,
+                    offset: rec.offset,
+                });
+                if let Some(ts) = rec.timestamp_ms {
+                    batch.oldest_timestamp_ms =
+                        Some(batch.oldest_timestamp_ms.map_or(ts, |o| o.min(ts)));
+                }
+                if !batch
+                    .segments
+                    .iter()
+                    .any(|s| s.key == key && s.generation == generation)
+                {
+                    let seg = self.tracker.hold(key, generation, rec.offset);
+                    batch.segments.push(seg);
+                }
+                let added = batch.body.len() - before.body_len + ROW_ORIGIN_BYTES;
+                batch.accounted += added;
+                batch.last = rec.offset;
+                table.buffered += added;
+                self.undo.push(before);
+                route.rate.success();
+                Ok(())
+            }
+            Err(error) => {
+                batch.body.truncate(before.body_len);
+                // A batch opened for this record only: it has no rows to
+                // insert (unless it replays a recorded range, whose end must
+                // still be honoured).
+                if created && batch.rows.is_empty() && replay.is_none() {
+                    table.open.pop();
+                } else {
+                    // What handling the failure adds (its range) is taken back
+                    // with the rest if another route stops on the record.
+                    self.undo.push(before);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// A record one route could not make a row of: the route's policy, once
+    /// the table's columns were read after the record (a change may explain
+    /// the failure). Registry outages and schemas that do not fit stop the
+    /// bridge whatever the policy: they are not the record's fault.
+    fn on_failure(
+        &mut self,
+        route_idx: usize,
+        key: PartitionKey,
+        generation: u64,
+        rec: &Record<'_>,
+        error: RecordError,
+    ) -> Result<(), Halt> {
+        let ti = self.routes[route_idx].table;
+        let where_ = || {
+            format!(
+                "record {}[{}] at offset {} for {}",
+                rec.topic, rec.partition, rec.offset, self.tables[ti].name
+            )
+        };
+        match error.kind {
+            RecordErrorKind::Unavailable => {
+                return Err(Halt::Stop(PipelineError::Unavailable(format!(
+                    "{}: {error}; nothing at or after it was committed",
+                    where_()
+                ))))
+            }
+            RecordErrorKind::Schema => {
+                return Err(Halt::Stop(PipelineError::Config(format!(
+                    "{}: {error}; nothing at or after it was committed",
+                    where_()
+                ))))
+            }
+            RecordErrorKind::Conversion | RecordErrorKind::UnknownField
+                if !self.tables[ti].covers(key, rec.offset) =>
+            {
+                // Judged only against columns read after the record: the
+                // table may have changed. It is read again after a check.
+                let t = &mut self.tables[ti];
+                let rewind = t.reread.begin(&mut self.tracker);
+                rewind.check = true;
+                rewind.lower(&mut self.tracker, key, generation, rec.offset);
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.judge(route_idx, key, generation, rec, error)
+    }
+
+    /// The route's policy for a record it cannot make a row of: skip it,
+    /// dead-letter it, or stop; and the failure rate that stops the route.
+    fn judge(
+        &mut self,
+        route_idx: usize,
+        key: PartitionKey,
+        generation: u64,
+        rec: &Record<'_>,
+        error: RecordError,
+    ) -> Result<(), Halt> {
+        let ti = self.routes[route_idx].table;
+        let eos = self.exactly_once.is_some();
+        let route = &mut self.routes[route_idx];
+        let table = &mut self.tables[ti];
+        let reason = error.kind.as_str();
+        let metrics = &self.metrics;
+        route
+            .failed
+            .entry(reason)
+            .or_insert_with(|| {
+                metrics
+                    .records_failed
+                    .with_label_values(&[rec.topic, &table.name, reason])
+            })
+            .inc();
+        if let Some((failed, total)) = route.rate.failure(Instant::now()) {
+            return Err(Halt::StopTopic(PipelineError::TooManyFailures {
+                route: route_idx,
+                table: table.name.clone(),
+                failed,
+                total,
+                window: route.rate.window,
+                max_ratio: route.rate.max_ratio,
+                last: format!(
+                    "{}[{}] at offset {}: {error}",
+                    rec.topic, rec.partition, rec.offset
+                ),
+            }));
+        }
+        match route.on_error {
+            OnError::Skip => {
+                if route.skipped_log.allow(&table.name) {
+                    tracing::warn!(
+                        topic = rec.topic,
+                        partition = rec.partition,
+                        offset = rec.offset,
+                        table = %table.name,
+                        error = %error,
+                        "skipped a record that cannot become a row (on_error = \"skip\")"
+                    )
+                }
+            }
+            OnError::DeadLetter => {
+                let (Some(dl), Some(dlq)) = (&self.dead_letters, &route.dead_letter_topic) else {
+                    return Err(Halt::Stop(PipelineError::Internal(format!(
+                        "route {route_idx} has on_error = \"dead-letter\" but no dead-letter producer"
+                    ))));
+                };
+                if route.skipped_log.allow(&table.name) {
+                    tracing::warn!(
+                        topic = rec.topic,
+                        partition = rec.partition,
+                        offset = rec.offset,
+                        table = %table.name,
+                        dead_letter_topic = %dlq,
+                        error = %error,
+                        "sent a record that cannot become a row to the dead-letter topic"
+                    )
+                }
+                let segment = self.tracker.hold(key, generation, rec.offset);
+                let bytes = crate::kafka::dead_letter::size_of(rec);
+                let message = error.to_string();
+                let failure = Failure {
+                    table: &table.name,
+                    class: error.kind.as_str(),
+                    message: &message,
+                };
+                let ticket = Ticket::Hold {
+                    segment,
+                    table: ti,
+                    bytes,
+                };
+                if let Err(why) = dl.send(dlq, rec, &failure, ticket) {
+                    self.tracker.release(&segment);
+                    return Err(Halt::Stop(PipelineError::DeadLetter(format!(
+                        "{why} (record {}[{}] at offset {}); nothing at or after it was committed",
+                        rec.topic, rec.partition, rec.offset
+                    ))));
+                }
+                table.buffered += bytes;
+                if eos {
+                    *table
+                        .dead_letters
+                        .entry(key)
+                        .or_default()
+                        .entry(rec.offset)
+                        .or_insert(0) += 1;
+                }
+            }
+            OnError::Stop => {
+                return Err(Halt::Stop(PipelineError::BadRecord {
+                    topic: rec.topic.to_string(),
+                    partition: rec.partition,
+                    offset: rec.offset,
+                    table: table.name.clone(),
+                    error,
+                }));
+            }
+        }
+        // Exactly-once: a record handled by policy counts inside its
+        // partition's batch range, when a batch is open.
+        if eos {
+            if let Some(bi) = table.batch_index(Some(key)) {
+                table.open[bi].last = rec.offset;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes what is full after a record, and exactly-once batches that
+    /// reached the end of a recorded range (also when the last record of it
+    /// failed).
+    fn close_full(&mut self, ti_topic: usize, key: PartitionKey, offset: i64) {
+        let eos = self.exactly_once.is_some();
+        for r in 0..self.topics[ti_topic].routes.len() {
+            let table_idx = self.routes[self.topics[ti_topic].routes[r]].table;
             let t = &self.tables[table_idx];
             let Some(bi) = t.batch_index(eos.then_some(key)) else {
                 continue;
@@ -800,7 +946,7 @@ impl Core {
             // A replayed range closes at its recorded end only, whatever the
             // size limits say now (they may have been lowered since).
             let close = match b.replay_last {
-                Some(last) => rec.offset >= last,
+                Some(last) => offset >= last,
                 None => {
                     b.rows.len() >= self.limits.max_rows || b.body.len() >= self.limits.max_bytes
                 }
@@ -809,7 +955,6 @@ impl Core {
                 self.close_batch(table_idx, bi);
             }
         }
-        true
     }
 
     /// Stops a route that fails too often without stopping the others: its
@@ -831,7 +976,8 @@ impl Core {
 
     /// Removes the current record from the batches of the routes that took it
     /// before another route stopped on it, so that the stop leaves no row of a
-    /// record whose offset is not committed (a restart would repeat it).
+    /// record whose offset is not committed (a restart would repeat it), and
+    /// no batch range that claims it.
     fn take_back_record(&mut self) {
         while let Some(u) = self.undo.pop() {
             let t = &mut self.tables[u.table];
@@ -839,11 +985,12 @@ impl Core {
                 continue;
             };
             let b = &mut t.open[bi];
-            let removed = b.body.len() - u.body_len;
-            t.buffered -= removed;
+            t.buffered -= b.accounted - u.accounted;
+            b.accounted = u.accounted;
             b.body.truncate(u.body_len);
             b.rows.truncate(u.rows);
             b.oldest_timestamp_ms = u.oldest_timestamp_ms;
+            b.last = u.last;
             for seg in b.segments.drain(u.segments..) {
                 self.tracker.release(&seg);
             }
@@ -852,6 +999,118 @@ impl Core {
             }
         }
     }
+
+    /// `auto_add_columns`: adds the columns the record's new fields need to
+    /// the route's table before the record is decoded, so that no value is
+    /// lost. A field name no column can have is the record's failure.
+    fn add_new_columns(
+        &mut self,
+        route_idx: usize,
+        key: PartitionKey,
+        generation: u64,
+        rec: &Record<'_>,
+    ) -> Result<(), Halt> {
+        let wanted = self.routes[route_idx].decoder.new_columns(rec);
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let ti = self.routes[route_idx].table;
+        let (Some(history), Some(ch)) = (self.tables[ti].schema_history.clone(), &self.clickhouse)
+        else {
+            return Ok(());
+        };
+        let (wanted, unfit): (Vec<_>, Vec<_>) = wanted
+            .into_iter()
+            .partition(|(name, _)| crate::schema::column_name_problem(name).is_none());
+        let table = history.current().schema;
+        let added = self
+            .auto_added
+            .get_or_insert_with(FastMap::default)
+            .entry(ti)
+            .or_insert(0);
+        if *added + wanted.len() > MAX_AUTO_ADDED_COLUMNS {
+            return Err(Halt::Stop(PipelineError::Config(format!(
+                "auto_add_columns: record {}[{}] at offset {} would add {} more columns to {table} \
+                 ({:?}), over the limit of {MAX_AUTO_ADDED_COLUMNS} per table and run; add them \
+                 yourself or fix the producer's field names",
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                wanted.len(),
+                wanted.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            ))));
+        }
+        *added += wanted.len();
+        if !wanted.is_empty() {
+            let sql = crate::schema::add_columns_sql(&table, &wanted);
+            let (client, timeout) = (ch.client.clone(), ch.timeout);
+            let (db, name) = (table.database.clone(), table.table.clone());
+            let stop = self.stop.clone();
+            let result = ch.runtime.block_on(async move {
+                let work = async {
+                    // Sent as it is: `?` in a column name is no bind placeholder.
+                    client.query_raw(&sql).execute().await?;
+                    crate::schema::load_table(&client, &db, &name)
+                        .await
+                        .map_err(|e| clickhouse::error::Error::Custom(e.to_string()))
+                };
+                tokio::select! {
+                    r = tokio::time::timeout(timeout, work) => Some(r.unwrap_or(Err(clickhouse::error::Error::TimedOut))),
+                    _ = stop.cancelled() => None,
+                }
+            });
+            match result {
+                None => return Err(Halt::Quit),
+                Some(Ok(now)) => {
+                    tracing::warn!(
+                        table = %table,
+                        columns = %wanted.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", "),
+                        topic = rec.topic,
+                        partition = rec.partition,
+                        offset = rec.offset,
+                        "auto_add_columns: added columns for new fields"
+                    );
+                    if let Some(v) = history.observe(now) {
+                        crate::sink::announce(&v);
+                    }
+                    self.follow_schema(ti);
+                    if let Some(e) = self.fatal.take() {
+                        return Err(Halt::Stop(e));
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(Halt::Stop(PipelineError::Unavailable(format!(
+                        "auto_add_columns: could not add {:?} to {table} for record {}[{}] at offset {}: {e}; \
+                         nothing at or after it was committed",
+                        wanted.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                        rec.topic,
+                        rec.partition,
+                        rec.offset
+                    ))));
+                }
+            }
+        }
+        if let Some((name, _)) = unfit.first() {
+            // No check of the table can help: the record is judged now.
+            let why = crate::schema::column_name_problem(name).unwrap_or_default();
+            return self.judge(
+                route_idx,
+                key,
+                generation,
+                rec,
+                RecordError {
+                    kind: RecordErrorKind::UnknownField,
+                    column: None,
+                    message: format!(
+                        "auto_add_columns: field {name:?} cannot be a column name ({why})"
+                    ),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ batches
 
     /// Closes open batch `bi` of table `ti` and hands it to its sink (or
     /// queues it while the sink's queue is full).
@@ -866,6 +1125,7 @@ impl Core {
             for seg in &b.segments {
                 self.tracker.release(seg);
             }
+            t.buffered -= b.accounted;
             return;
         }
         t.capacity_hint = b.body.len().max(64 * 1024);
@@ -873,6 +1133,7 @@ impl Core {
         if b.body.capacity() > b.body.len() + b.body.len() / 4 {
             b.body.shrink_to_fit();
         }
+        b.rows.shrink_to_fit();
         let range = b.partition.map(|k| BatchRange {
             table: t.name.clone(),
             topic: self.topics[k.topic as usize].name.clone(),
@@ -887,7 +1148,9 @@ impl Core {
             segments: b.segments,
             oldest_timestamp_ms: b.oldest_timestamp_ms,
             range,
+            replay: b.replay_last.is_some(),
             schema_version: b.schema_version,
+            accounted: b.accounted,
         });
         self.send_waiting(ti);
     }
@@ -903,7 +1166,7 @@ impl Core {
             if holds && b.replay_last.is_some() {
                 let t = &mut self.tables[ti];
                 let b = t.open.swap_remove(bi);
-                t.buffered = t.buffered.saturating_sub(b.body.len());
+                t.buffered -= b.accounted;
                 self.abandoned.extend_from_slice(&b.segments);
             } else if holds {
                 // swap_remove moves the last batch here: look at `bi` again.
@@ -916,9 +1179,15 @@ impl Core {
 
     fn send_waiting(&mut self, ti: usize) {
         let t = &mut self.tables[ti];
-        while let Some(batch) = t.waiting.pop_front() {
+        while let Some(front) = t.waiting.front() {
+            if t.gated(front) {
+                return;
+            }
+            let Some(batch) = t.waiting.pop_front() else {
+                return;
+            };
             match t.tx.try_send(batch) {
-                Ok(()) => {}
+                Ok(()) => t.in_sink += 1,
                 Err(mpsc::error::TrySendError::Full(b)) => {
                     t.waiting.push_front(b);
                     return;
@@ -936,10 +1205,213 @@ impl Core {
         }
     }
 
+    /// A batch the sink answered for: its memory is given back.
     fn batch_done(&mut self, batch: &ReadyBatch) {
         let t = &mut self.tables[batch.table];
-        t.buffered = t.buffered.saturating_sub(batch.body.len());
+        t.in_sink = t.in_sink.saturating_sub(1);
+        t.buffered = t.buffered.saturating_sub(batch.accounted);
     }
+
+    // ------------------------------------------------------------ re-reading
+
+    /// Makes table `ti` read again what `segments` hold (each the lowest
+    /// offset of its partition in a batch that will not be inserted).
+    fn rewind_segments(&mut self, ti: usize, segments: &[Segment]) {
+        let t = &mut self.tables[ti];
+        let rewind = t.reread.begin(&mut self.tracker);
+        for s in segments {
+            // A partition revoked meanwhile is read by its new owner.
+            if self.tracker.generation_of(s.key) == Some(s.generation) {
+                rewind.lower(&mut self.tracker, s.key, s.generation, s.first_offset);
+            }
+        }
+    }
+
+    /// Exactly-once: a batch that replayed a recorded range, or whose range
+    /// was recorded already, is cut at exactly that range again.
+    fn keep_recorded_range(&mut self, ti: usize, range: &Option<BatchRange>, segments: &[Segment]) {
+        let (Some(r), Some(s)) = (range, segments.first()) else {
+            return;
+        };
+        self.tables[ti].recovery.insert(
+            s.key,
+            Recovery::Replay {
+                first: r.first,
+                last: r.last,
+            },
+        );
+    }
+
+    /// A table changed (its sink saw a new schema, a check found one, or
+    /// `auto_add_columns` made one): the routes decode for the new columns
+    /// from now on, and every row encoded for the old ones and not in
+    /// ClickHouse yet is decoded again from its record. Batches still open or
+    /// waiting here are dropped; those the sink has come back as stale; the
+    /// rewind waits for all of them.
+    fn follow_schema(&mut self, ti: usize) {
+        let t = &mut self.tables[ti];
+        let Some(feed) = t.schema_feed.as_mut() else {
+            return;
+        };
+        if !feed.has_changed().unwrap_or(false) {
+            return;
+        }
+        let v = feed.borrow_and_update().clone();
+        if v.version == t.schema_version {
+            return;
+        }
+        for (i, route) in self.routes.iter_mut().enumerate() {
+            if route.table != ti {
+                continue;
+            }
+            match crate::decode::decoder_for(&route.config, &v.schema, self.registry.as_ref()) {
+                Ok(d) => route.decoder = d,
+                Err(e) => {
+                    self.fail(PipelineError::Config(format!(
+                        "routes[{i}]: table {} changed and the route no longer fits it: {e}",
+                        v.schema
+                    )));
+                    return;
+                }
+            }
+        }
+        let t = &mut self.tables[ti];
+        t.schema_version = v.version;
+        t.reread.begin(&mut self.tracker).sink = true;
+        let open: Vec<OpenBatch> = t.open.drain(..).collect();
+        let waiting: Vec<ReadyBatch> = t.waiting.drain(..).collect();
+        let dropped = open.len() + waiting.len();
+        for b in open {
+            self.tables[ti].buffered -= b.accounted;
+            if let (Some(key), Some(last)) = (b.partition, b.replay_last) {
+                self.tables[ti].recovery.insert(
+                    key,
+                    Recovery::Replay {
+                        first: b.first,
+                        last,
+                    },
+                );
+            }
+            self.rewind_segments(ti, &b.segments);
+            for s in &b.segments {
+                self.tracker.release(s);
+            }
+        }
+        for b in waiting {
+            self.tables[ti].buffered -= b.accounted;
+            if b.replay {
+                self.keep_recorded_range(ti, &b.range, &b.segments);
+            }
+            self.rewind_segments(ti, &b.segments);
+            for s in &b.segments {
+                self.tracker.release(s);
+            }
+        }
+        tracing::info!(table = %v.schema, version = v.version, dropped_batches = dropped,
+            in_sink = self.tables[ti].in_sink,
+            "decoding for the table's new columns; its records not yet inserted are read again");
+    }
+
+    /// Asks for the checks of tables' columns that failed records wait for,
+    /// at most one per table per `SCHEMA_CHECK_INTERVAL`. The answer comes
+    /// back as `SinkEvent::SchemaChecked`.
+    fn request_checks(&mut self, now: Instant) {
+        for ti in 0..self.tables.len() {
+            let t = &self.tables[ti];
+            let wanted = t.reread.rewind.as_ref().is_some_and(|r| r.check);
+            if !wanted
+                || t.check.pending.is_some()
+                || t.check
+                    .last
+                    .is_some_and(|l| now.duration_since(l) < SCHEMA_CHECK_INTERVAL)
+            {
+                continue;
+            }
+            let Some(history) = t.schema_history.clone() else {
+                continue;
+            };
+            let coverage: FastMap<PartitionKey, i64> = self
+                .tracker
+                .keys()
+                .filter_map(|k| Some((k, self.tracker.read_high(k)?)))
+                .collect();
+            self.tables[ti].check.pending = Some(coverage);
+            // Without ClickHouse (unit tests) the answer is the test's to give.
+            let Some(ch) = &self.clickhouse else {
+                continue;
+            };
+            let (client, events, timeout) = (ch.client.clone(), ch.events.clone(), ch.timeout);
+            ch.runtime.spawn(async move {
+                let schema = history.current().schema;
+                let read = crate::schema::load_table(&client, &schema.database, &schema.table);
+                let result = match tokio::time::timeout(timeout, read).await {
+                    Ok(Ok(now)) => {
+                        if let Some(v) = history.observe(now) {
+                            crate::sink::announce(&v);
+                        }
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                };
+                let _ = events.send(SinkEvent::SchemaChecked { table: ti, result });
+            });
+        }
+    }
+
+    /// A check of table `ti`'s columns answered: the records read before it
+    /// was asked for are judged against what it read.
+    fn check_done(&mut self, ti: usize, result: Result<(), String>) {
+        let t = &mut self.tables[ti];
+        t.check.last = Some(Instant::now());
+        let coverage = t.check.pending.take();
+        match result {
+            Ok(()) => {
+                if let Some(c) = coverage {
+                    t.checked = c;
+                }
+                if let Some(r) = &mut t.reread.rewind {
+                    r.check = false;
+                }
+            }
+            Err(e) => tracing::warn!(table = %t.name, error = %e,
+                "could not check the table's columns; the records that wait for the check stay uncommitted, \
+                 checking again"),
+        }
+    }
+
+    /// Ends the rewinds that wait for nothing more: the consumer reads their
+    /// partitions again from where each table needs them.
+    fn finish_rewinds(&mut self, consumer: &dyn ConsumerControl) {
+        for ti in 0..self.tables.len() {
+            let in_sink = self.tables[ti].in_sink;
+            let Some(seeks) = self.tables[ti].reread.finish(&mut self.tracker, in_sink) else {
+                continue;
+            };
+            for (key, start) in seeks {
+                // Another table may be reading the partition again from lower down.
+                let target = self
+                    .tables
+                    .iter()
+                    .filter_map(|t| t.reread.reading_from(key))
+                    .fold(start, i64::min);
+                let (topic, partition) = self.topic_partition(key);
+                let high = self.tracker.read_high(key).unwrap_or(target);
+                match consumer.seek(&topic, partition, target) {
+                    Ok(()) => {
+                        tracing::info!(table = %self.tables[ti].name, topic, partition, from = target, to = high,
+                        "reading records again for the table")
+                    }
+                    Err(e) => self.fail(PipelineError::Kafka(format!(
+                        "cannot read {topic}[{partition}] again from offset {target} for {}: {e}",
+                        self.tables[ti].name
+                    ))),
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ events
 
     /// Handles one sink outcome.
     fn on_event(&mut self, ev: SinkEvent) {
@@ -960,9 +1432,22 @@ impl Core {
                 }
             }
             SinkEvent::Dropped(batch) => {
-                // Its partition was revoked: the tracker no longer knows the
-                // segments' generation, and the new owner replays the range.
+                // Its partitions were revoked: the tracker no longer knows the
+                // segments' generation, and the new owner reads them again.
                 self.batch_done(&batch);
+            }
+            SinkEvent::Stale { batch, recorded } => {
+                self.batch_done(&batch);
+                let ti = batch.table;
+                // The sink may have seen the new columns before this thread.
+                self.follow_schema(ti);
+                if batch.replay || recorded {
+                    self.keep_recorded_range(ti, &batch.range, &batch.segments);
+                }
+                self.rewind_segments(ti, &batch.segments);
+                for seg in &batch.segments {
+                    self.tracker.release(seg);
+                }
             }
             SinkEvent::Failed { batch, error } => {
                 // The batch's offsets stay held: nothing at or above its first
@@ -976,31 +1461,53 @@ impl Core {
             SinkEvent::DeadLettered {
                 segment,
                 table,
+                bytes,
                 error,
-            } => match error {
-                None => {
-                    self.tracker.release(&segment);
-                    let topic = &self.topics[segment.key.topic as usize].name;
-                    self.metrics
-                        .dead_letters
-                        .with_label_values(&[
-                            topic,
-                            &self.tables[table].name,
-                            crate::observability::metrics::DEAD_LETTER_DECODE,
-                        ])
-                        .inc();
+            } => {
+                let t = &mut self.tables[table];
+                t.buffered = t.buffered.saturating_sub(bytes);
+                match error {
+                    None => {
+                        if let Some(m) = t.dead_letters.get_mut(&segment.key) {
+                            if let Some(n) = m.get_mut(&segment.first_offset) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    m.remove(&segment.first_offset);
+                                }
+                            }
+                        }
+                        self.tracker.release(&segment);
+                        let topic = &self.topics[segment.key.topic as usize].name;
+                        self.metrics
+                            .dead_letters
+                            .with_label_values(&[
+                                topic,
+                                &self.tables[table].name,
+                                crate::observability::metrics::DEAD_LETTER_DECODE,
+                            ])
+                            .inc();
+                        self.send_waiting(table);
+                    }
+                    Some(why) => {
+                        // Its hold stays, and so does the gate: nothing at or
+                        // after it is committed or recorded.
+                        self.refused.push(segment);
+                        let topic = &self.topics[segment.key.topic as usize].name;
+                        let e = PipelineError::DeadLetter(format!(
+                            "the dead-letter topic did not take the record {topic}[{}] at offset {}: {why}; \
+                             nothing at or after it was committed",
+                            segment.key.partition, segment.first_offset
+                        ));
+                        self.fail(e);
+                    }
                 }
-                Some(why) => {
-                    self.refused.push(segment);
-                    let topic = &self.topics[segment.key.topic as usize].name;
-                    let e = PipelineError::DeadLetter(format!(
-                        "the dead-letter topic did not take the record {topic}[{}] at offset {}: {why}; \
-                         nothing at or after it was committed",
-                        segment.key.partition, segment.first_offset
-                    ));
-                    self.fail(e);
+            }
+            SinkEvent::SchemaChecked { table, result } => self.check_done(table, result),
+            SinkEvent::CommitFailed(partitions) => {
+                for key in self.keys_of(&partitions) {
+                    self.tracker.forget_committed(key);
                 }
-            },
+            }
         }
     }
 
@@ -1028,150 +1535,6 @@ impl Core {
     /// whose failure window or ratio changed starts its window afresh; the
     /// others keep counting (a reload that only touched batching must not
     /// forget a route's recent failures).
-    /// `auto_add_columns`: ClickHouse and a runtime to add columns with.
-    pub fn set_auto_add(&mut self, client: clickhouse::Client, runtime: tokio::runtime::Handle) {
-        self.auto_add = Some(AutoAdd {
-            client,
-            runtime,
-            added: FastMap::default(),
-        });
-    }
-
-    /// `auto_add_columns`: adds the columns the record's new fields need to
-    /// their tables before the record is decoded, so that no value is lost.
-    /// False when the bridge must stop.
-    fn add_new_columns(&mut self, topic: usize, rec: &Record<'_>) -> bool {
-        for i in 0..self.topics[topic].routes.len() {
-            let r = self.topics[topic].routes[i];
-            if !self.routes[r].config.auto_add_columns {
-                continue;
-            }
-            let wanted = self.routes[r].decoder.new_columns(rec);
-            if wanted.is_empty() {
-                continue;
-            }
-            let ti = self.routes[r].table;
-            let Some(history) = self.tables[ti].schema_history.clone() else {
-                continue;
-            };
-            let Some(auto) = self.auto_add.as_mut() else {
-                return true;
-            };
-            let table = history.current().schema;
-            let added = auto.added.entry(ti).or_insert(0);
-            if *added + wanted.len() > MAX_AUTO_ADDED_COLUMNS {
-                self.fatal = Some(PipelineError::Config(format!(
-                    "auto_add_columns: record {}[{}] at offset {} would add {} more columns to {table} \
-                     ({:?}), over the limit of {MAX_AUTO_ADDED_COLUMNS} per table and run; add them \
-                     yourself or fix the producer's field names",
-                    rec.topic,
-                    rec.partition,
-                    rec.offset,
-                    wanted.len(),
-                    wanted.iter().map(|(n, _)| n).collect::<Vec<_>>()
-                )));
-                return false;
-            }
-            *added += wanted.len();
-            let clauses: Vec<String> = wanted
-                .iter()
-                .map(|(name, ty)| {
-                    format!(
-                        "ADD COLUMN IF NOT EXISTS {} {ty}",
-                        crate::schema::quote_ident(name)
-                    )
-                })
-                .collect();
-            let sql = format!(
-                "ALTER TABLE {}.{} {}",
-                crate::schema::quote_ident(&table.database),
-                crate::schema::quote_ident(&table.table),
-                clauses.join(", ")
-            );
-            let client = auto.client.clone();
-            let (db, name) = (table.database.clone(), table.table.clone());
-            let result = auto.runtime.block_on(async move {
-                client.query(&sql).execute().await?;
-                crate::schema::load_table(&client, &db, &name)
-                    .await
-                    .map_err(|e| clickhouse::error::Error::Custom(e.to_string()))
-            });
-            match result {
-                Ok(now) => {
-                    tracing::warn!(
-                        table = %table,
-                        columns = %wanted.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", "),
-                        topic = rec.topic,
-                        partition = rec.partition,
-                        offset = rec.offset,
-                        "auto_add_columns: added columns for new fields"
-                    );
-                    history.observe(now);
-                    self.follow_schema(ti);
-                    if self.fatal.is_some() {
-                        return false;
-                    }
-                }
-                Err(e) => {
-                    self.fatal = Some(PipelineError::Unavailable(format!(
-                        "auto_add_columns: could not add {:?} to {table} for record {}[{}] at offset {}: {e}; \
-                         nothing at or after it was committed",
-                        wanted.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-                        rec.topic,
-                        rec.partition,
-                        rec.offset
-                    )));
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    /// The decoders to use the registry when they are built again.
-    pub fn set_registry(&mut self, registry: Option<Arc<crate::decode::registry::Registry>>) {
-        self.registry = registry;
-    }
-
-    /// A table changed (its sink saw a new schema): the open batches close
-    /// with the rows encoded so far (the sink re-encodes them for the new
-    /// columns), and the table's routes decode for the new columns from the
-    /// next record on. A batch replaying a recorded range must end exactly
-    /// at the range's end, so the change waits until it has.
-    fn follow_schema(&mut self, ti: usize) {
-        let t = &mut self.tables[ti];
-        let Some(feed) = t.schema_feed.as_mut() else {
-            return;
-        };
-        if !feed.has_changed().unwrap_or(false) || t.open.iter().any(|b| b.replay_last.is_some()) {
-            return;
-        }
-        let v = feed.borrow_and_update().clone();
-        if v.version == t.schema_version {
-            return;
-        }
-        while !self.tables[ti].open.is_empty() {
-            self.close_batch(ti, 0);
-        }
-        for (i, route) in self.routes.iter_mut().enumerate() {
-            if route.table != ti {
-                continue;
-            }
-            match crate::decode::decoder_for(&route.config, &v.schema, self.registry.as_ref()) {
-                Ok(d) => route.decoder = d,
-                Err(e) => {
-                    self.fatal = Some(PipelineError::Config(format!(
-                        "routes[{i}]: table {} changed and the route no longer fits it: {e}",
-                        v.schema
-                    )));
-                    return;
-                }
-            }
-        }
-        self.tables[ti].schema_version = v.version;
-        tracing::info!(table = %v.schema, version = v.version, "decoding for the table's new columns");
-    }
-
     fn reload(&mut self, r: Reload) {
         self.limits.max_rows = r.max_rows;
         self.limits.max_bytes = r.max_bytes;
@@ -1191,10 +1554,13 @@ impl Core {
         );
     }
 
-    /// Housekeeping between polls: acknowledgements, batches that waited
-    /// long enough, queued sends, periodic commits, and back-pressure.
-    /// Returns how long the next poll may block.
-    pub fn service(&mut self, consumer: &Consumer) -> Duration {
+    // ------------------------------------------------------------ housekeeping
+
+    /// Housekeeping between polls: acknowledgements, table changes, records
+    /// to read again, batches that waited long enough, queued sends,
+    /// periodic commits, and back-pressure. Returns how long the next poll
+    /// may block.
+    pub fn service(&mut self, consumer: &dyn ConsumerControl) -> Duration {
         while let Ok(ev) = self.events.try_recv() {
             self.on_event(ev);
         }
@@ -1205,6 +1571,8 @@ impl Core {
             self.follow_schema(ti);
         }
         let now = Instant::now();
+        self.request_checks(now);
+        self.finish_rewinds(consumer);
         for route in &mut self.routes {
             route.rate.roll(now);
         }
@@ -1231,7 +1599,7 @@ impl Core {
             }
         }
         if now.duration_since(self.last_commit) >= self.limits.commit_interval {
-            self.commit(consumer, CommitMode::Async, None);
+            self.commit(consumer, false, None);
         }
         // A table's open batches (one per partition with exactly-once) can
         // fill its share while each is below batch.max_bytes: send the
@@ -1269,7 +1637,7 @@ impl Core {
     /// stalled, with what holds it. When nothing holds it and it is not
     /// paused, librdkafka has stopped fetching it (seen in the wild): seeking
     /// to the position restarts the fetcher.
-    fn watch(&mut self, consumer: &Consumer, now: Instant) {
+    fn watch(&mut self, consumer: &dyn ConsumerControl, now: Instant) {
         let keys: Vec<PartitionKey> = self.tracker.keys().collect();
         self.watchdog.progress.retain(|k, _| keys.contains(k));
         self.watchdog.stalled.retain(|k| keys.contains(k));
@@ -1318,13 +1686,8 @@ impl Core {
                 reason = %reason,
                 "partition stalled: its commit position has not moved while records wait behind it"
             );
-            if self.tracker.held(key) == 0 && !self.paused.contains(&key.topic) {
-                match consumer.seek(
-                    &topic,
-                    key.partition,
-                    Offset::Offset(position),
-                    Duration::from_secs(5),
-                ) {
+            if self.tracker.held(key) == 0 && !self.paused_partitions.contains(&key) {
+                match consumer.seek(&topic, key.partition, position) {
                     Ok(()) => tracing::warn!(
                         topic,
                         partition = key.partition,
@@ -1355,11 +1718,31 @@ impl Core {
                     None => format!("an open batch of {} ({} rows)", t.name, b.rows.len()),
                 };
             }
-            if t.waiting.iter().any(|b| holds(&b.segments)) {
-                return format!(
-                    "a batch of {} queued behind inserts that have not finished",
-                    t.name
-                );
+            if let Some(b) = t.waiting.iter().find(|b| holds(&b.segments)) {
+                return if t.gated(b) {
+                    format!(
+                        "a batch of {} waits for a dead letter below it to be acknowledged",
+                        t.name
+                    )
+                } else {
+                    format!(
+                        "a batch of {} queued behind inserts that have not finished",
+                        t.name
+                    )
+                };
+            }
+            if t.reread.holds().any(|s| s.key == key) {
+                return match &t.reread.rewind {
+                    Some(r) if r.check => format!(
+                        "records of {} wait for a check of its columns (a record failed in a way a table change could explain)",
+                        t.name
+                    ),
+                    Some(_) => format!(
+                        "{} changed: its records wait for the batches in its sink before they are read again",
+                        t.name
+                    ),
+                    None => format!("records are being read again for {}", t.name),
+                };
             }
         }
         if self.refused.iter().any(|s| s.key == key) {
@@ -1371,18 +1754,12 @@ impl Core {
                 .routes
                 .iter()
                 .map(|&r| &self.tables[self.routes[r].table])
-                .filter(|t| {
-                    let queued: usize = t.open.iter().map(|b| b.body.len()).sum::<usize>()
-                        + t.waiting.iter().map(|b| b.body.len()).sum::<usize>();
-                    t.buffered > queued
-                })
+                .filter(|t| t.in_sink > 0)
                 .map(|t| {
-                    let retries = self
-                        .metrics
-                        .insert_retries
-                        .with_label_values(&[&t.name])
-                        .get();
-                    format!("{} ({retries} retries so far)", t.name)
+                    format!(
+                        "{} ({} batches in its sink; chbridge_insert_retries_total shows retries)",
+                        t.name, t.in_sink
+                    )
                 })
                 .collect();
             return if busy.is_empty() {
@@ -1401,6 +1778,8 @@ impl Core {
         "no records arrive from the broker although it reports more".into()
     }
 
+    // ------------------------------------------------------------ back-pressure
+
     /// Each table's part of the memory budget: the budget split evenly, so
     /// that the sum of all tables' bytes never exceeds it.
     fn table_share(&self) -> usize {
@@ -1408,14 +1787,14 @@ impl Core {
     }
 
     /// Topics to pause: those feeding a table whose sink is behind (batches
-    /// queued) or that holds its share of the memory budget. The topics of
-    /// healthy tables keep flowing.
+    /// queued), that holds its share of the memory budget, or that waits to
+    /// read records again. The topics of healthy tables keep flowing.
     fn topics_to_pause(&self) -> BTreeSet<u32> {
         let share = self.table_share();
         let full: Vec<bool> = self
             .tables
             .iter()
-            .map(|t| !t.waiting.is_empty() || t.buffered >= share)
+            .map(|t| !t.waiting.is_empty() || t.buffered >= share || t.reread.rewind.is_some())
             .collect();
         (0..self.topics.len() as u32)
             .filter(|&ti| {
@@ -1428,92 +1807,125 @@ impl Core {
             .collect()
     }
 
-    /// Pauses fetching of the topics that feed full tables and resumes them
-    /// once they drain. Pausing (rather than not polling) keeps the group
-    /// membership alive however long ClickHouse is away.
-    fn apply_backpressure(&mut self, consumer: &Consumer) {
-        let want = self.topics_to_pause();
-        if want == self.paused {
+    /// The partitions to pause now: every assigned partition of the topics
+    /// to pause, except those replaying a recorded range, which must read
+    /// on to the range's end or the memory they hold never comes back.
+    fn pause_state(&self, assignment: &[TopicPartition]) -> BTreeSet<PartitionKey> {
+        let topics = self.topics_to_pause();
+        self.keys_of(assignment)
+            .into_iter()
+            .filter(|k| topics.contains(&k.topic))
+            .filter(|k| {
+                self.stopped_topics.contains(&k.topic)
+                    || !self.tables.iter().any(|t| t.replaying(*k))
+            })
+            .collect()
+    }
+
+    /// Pauses fetching of the partitions that feed full tables and resumes
+    /// them once they drain. Pausing (rather than not polling) keeps the
+    /// group membership alive however long ClickHouse is away.
+    fn apply_backpressure(&mut self, consumer: &dyn ConsumerControl) {
+        let topics = self.topics_to_pause();
+        let replaying = self
+            .tables
+            .iter()
+            .any(|t| t.open.iter().any(|b| b.replay_last.is_some()));
+        // Unchanged, and no replay that may have started or ended: the
+        // steady state costs no call into librdkafka.
+        if topics == self.paused && !replaying && !self.pause_exempt {
             return;
         }
         let Ok(assignment) = consumer.assignment() else {
             return;
         };
-        let mut pause = TopicPartitionList::new();
-        let mut resume = TopicPartitionList::new();
-        for e in assignment.elements() {
-            let Some(key) = self.key(e.topic(), e.partition()) else {
-                continue;
-            };
-            let (now, before) = (want.contains(&key.topic), self.paused.contains(&key.topic));
-            if now && !before {
-                pause.add_partition(e.topic(), e.partition());
-            } else if before && !now {
-                resume.add_partition(e.topic(), e.partition());
-            }
-        }
-        let result = consumer
+        let want = self.pause_state(&assignment);
+        let pause: Vec<TopicPartition> = want
+            .difference(&self.paused_partitions)
+            .map(|&k| self.topic_partition(k))
+            .collect();
+        let resume: Vec<TopicPartition> = self
+            .paused_partitions
+            .difference(&want)
+            .filter(|k| assignment.contains(&self.topic_partition(**k)))
+            .map(|&k| self.topic_partition(k))
+            .collect();
+        if let Err(e) = consumer
             .pause(&pause)
-            .and_then(|()| consumer.resume(&resume));
-        match result {
-            Ok(()) => {
-                let names = |set: &BTreeSet<u32>| {
-                    set.iter()
-                        .map(|&t| self.topics[t as usize].name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
-                tracing::info!(
-                    buffered_bytes = self.buffered_bytes(),
-                    paused = %names(&want),
-                    "{}",
-                    if want.len() > self.paused.len() {
-                        "tables full: consumption of the topics feeding them paused until inserts catch up"
-                    } else {
-                        "consumption resumed"
-                    }
-                );
-                self.metrics.paused.set(i64::from(!want.is_empty()));
-                self.paused = want;
-            }
-            Err(e) => tracing::warn!(error = %e, "could not pause/resume partitions"),
-        }
-    }
-
-    /// Commits acknowledged positions: those that moved (periodic, async),
-    /// or all of `only` (revocation, shutdown; synchronous).
-    fn commit(&mut self, consumer: &Consumer, mode: CommitMode, only: Option<&[PartitionKey]>) {
-        self.last_commit = Instant::now();
-        let positions = self.tracker.take_commits(only);
-        let mut tpl = TopicPartitionList::new();
-        for (key, offset) in positions {
-            let topic = &self.topics[key.topic as usize].name;
-            if let Err(e) = tpl.add_partition_offset(topic, key.partition, Offset::Offset(offset)) {
-                tracing::warn!(topic, partition = key.partition, error = %e, "bad commit offset");
-            }
-        }
-        if tpl.count() == 0 {
+            .and_then(|()| consumer.resume(&resume))
+        {
+            tracing::warn!(error = %e, "could not pause/resume partitions");
             return;
         }
+        if topics != self.paused {
+            let names = topics
+                .iter()
+                .map(|&t| self.topics[t as usize].name.as_str())
+                .collect::<Vec<_>>()
+                .join(",");
+            tracing::info!(
+                buffered_bytes = self.buffered_bytes(),
+                paused = %names,
+                "{}",
+                if topics.len() > self.paused.len() {
+                    "tables full: consumption of the topics feeding them paused until inserts catch up"
+                } else {
+                    "consumption resumed"
+                }
+            );
+        }
+        self.metrics.paused.set(i64::from(!want.is_empty()));
+        self.pause_exempt = replaying && !topics.is_empty();
+        self.paused = topics;
+        self.paused_partitions = want;
+    }
+
+    // ------------------------------------------------------------ commits
+
+    /// Commits acknowledged positions: those that moved (periodic, async),
+    /// or all of `only` (revocation, shutdown; synchronous). A request that
+    /// fails at once is repeated by the next commit even if nothing moved.
+    fn commit(
+        &mut self,
+        consumer: &dyn ConsumerControl,
+        sync: bool,
+        only: Option<&[PartitionKey]>,
+    ) {
+        self.last_commit = Instant::now();
+        let positions = self.tracker.take_commits(only);
+        if positions.is_empty() {
+            return;
+        }
+        let list: Vec<(String, i32, i64)> = positions
+            .iter()
+            .map(|&(key, offset)| {
+                let (t, p) = self.topic_partition(key);
+                (t, p, offset)
+            })
+            .collect();
         self.metrics.commits.with_label_values(&["sent"]).inc();
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            self.metrics.commits.with_label_values(&["failed"]).inc();
-            tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
-        } else if matches!(mode, CommitMode::Sync) {
-            tracing::debug!(partitions = tpl.count(), "committed synchronously");
+        match consumer.commit(&list, sync) {
+            Ok(()) if sync => tracing::debug!(partitions = list.len(), "committed synchronously"),
+            Ok(()) => {}
+            Err(e) => {
+                self.metrics.commits.with_label_values(&["failed"]).inc();
+                tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
+                for (key, _) in positions {
+                    self.tracker.forget_committed(key);
+                }
+            }
         }
     }
 
-    pub fn on_assign(&mut self, tpl: &TopicPartitionList) {
-        let mut keys = Vec::new();
-        for e in tpl.elements() {
-            if let Some(key) = self.key(e.topic(), e.partition()) {
-                self.tracker.assign(key);
-                self.ownership.set(key, self.tracker.generation(key));
-                keys.push(key);
-            }
+    // ------------------------------------------------------------ rebalances
+
+    pub fn on_assign(&mut self, partitions: &[TopicPartition]) {
+        let keys = self.keys_of(partitions);
+        for &key in &keys {
+            self.tracker.assign(key);
+            self.ownership.set(key, self.tracker.generation(key));
         }
-        tracing::info!(partitions = %describe(tpl), "partitions assigned");
+        tracing::info!(partitions = %describe(partitions), "partitions assigned");
         if self.exactly_once.is_some() {
             self.recover(&keys);
         }
@@ -1534,10 +1946,11 @@ impl Core {
             .collect();
         let mut attempt = 0;
         let latest = loop {
+            let stop = self.stop.clone();
             let read = eo.runtime.block_on(async {
                 tokio::select! {
                     r = eo.state.latest(&topics) => Some(r),
-                    _ = eo.stop.cancelled() => None,
+                    _ = stop.cancelled() => None,
                 }
             });
             match read {
@@ -1588,15 +2001,22 @@ impl Core {
     /// librdkafka keeps a partition's pause flag across revocation and
     /// reassignment, so a partition revoked while paused would otherwise
     /// come back paused for good.
-    pub fn after_assign(&mut self, consumer: &Consumer, tpl: &TopicPartitionList) {
-        let mut pause = TopicPartitionList::new();
-        let mut resume = TopicPartitionList::new();
-        for e in tpl.elements() {
-            let paused = self
-                .key(e.topic(), e.partition())
-                .is_some_and(|k| self.paused.contains(&k.topic));
-            let list = if paused { &mut pause } else { &mut resume };
-            list.add_partition(e.topic(), e.partition());
+    pub fn after_assign(&mut self, consumer: &dyn ConsumerControl, partitions: &[TopicPartition]) {
+        let mut pause = Vec::new();
+        let mut resume = Vec::new();
+        for tp in partitions {
+            let key = self.key(&tp.0, tp.1);
+            if key.is_some_and(|k| self.paused.contains(&k.topic)) {
+                if let Some(k) = key {
+                    self.paused_partitions.insert(k);
+                }
+                pause.push(tp.clone());
+            } else {
+                if let Some(k) = key {
+                    self.paused_partitions.remove(&k);
+                }
+                resume.push(tp.clone());
+            }
         }
         if let Err(e) = consumer
             .pause(&pause)
@@ -1606,76 +2026,151 @@ impl Core {
         }
     }
 
-    /// A commit the broker refused: its positions are committed again next time.
-    pub fn commit_failed(&mut self, tpl: &TopicPartitionList) {
-        for e in tpl.elements() {
-            if let Some(key) = self.key(e.topic(), e.partition()) {
-                self.tracker.forget_committed(key);
-            }
-        }
-    }
-
     /// Before partitions are given away: insert everything read from them,
     /// wait (up to the drain timeout) for ClickHouse, and commit, so the next
-    /// owner starts exactly where this one stopped.
-    pub fn on_revoke(&mut self, consumer: &Consumer, tpl: &TopicPartitionList, lost: bool) {
-        let keys: Vec<PartitionKey> = tpl
-            .elements()
-            .iter()
-            .filter_map(|e| self.key(e.topic(), e.partition()))
-            .collect();
+    /// owner starts exactly where this one stopped. Partitions *lost* (the
+    /// session timed out, or the member was fenced) belong to another member
+    /// already: their batches are discarded, not inserted, and nothing is
+    /// committed for them.
+    pub fn on_revoke(
+        &mut self,
+        consumer: &dyn ConsumerControl,
+        partitions: &[TopicPartition],
+        lost: bool,
+    ) {
+        let keys = self.keys_of(partitions);
         if lost {
-            // Another member may already own them: committing would be refused
-            // and inserts in flight will be repeated by the new owner.
-            tracing::warn!(partitions = %describe(tpl), "partitions lost (session timed out); their uncommitted records will be read again by their new owner");
+            tracing::warn!(partitions = %describe(partitions),
+                "partitions lost (session timed out or member fenced); their batches are discarded and their \
+                 uncommitted records will be read again by their new owner");
+            self.give_up(&keys);
         } else {
             let drained = self.closing || self.drain(consumer, Some(&keys));
-            self.commit(consumer, CommitMode::Sync, Some(&keys));
-            tracing::info!(partitions = %describe(tpl), drained, "partitions revoked");
+            self.commit(consumer, true, Some(&keys));
+            tracing::info!(partitions = %describe(partitions), drained, "partitions revoked");
+            for &key in &keys {
+                self.ownership.remove(key);
+            }
+            if self.exactly_once.is_some() {
+                self.discard_batches_of(&keys);
+            }
         }
-        for &key in &keys {
-            self.tracker.revoke(key);
+        self.forget(&keys);
+    }
+
+    /// The member no longer owns anything it holds (a fatal consumer error,
+    /// such as a fenced static member): nothing more is inserted or
+    /// committed; the partitions' new owners read their records again.
+    pub fn abandon(&mut self) {
+        let keys: Vec<PartitionKey> = self.tracker.keys().collect();
+        self.give_up(&keys);
+        self.forget(&keys);
+        self.closing = true;
+    }
+
+    /// Stops inserting what `keys` hold: the sinks drop their batches before
+    /// the next attempt, and the batches not sent yet are discarded.
+    fn give_up(&mut self, keys: &[PartitionKey]) {
+        for &key in keys {
             self.ownership.remove(key);
+        }
+        self.discard_batches_of(keys);
+    }
+
+    /// Forgets everything about partitions no longer assigned.
+    fn forget(&mut self, keys: &[PartitionKey]) {
+        for &key in keys {
+            self.tracker.revoke(key);
             self.recovered.remove(&key);
+            self.paused_partitions.remove(&key);
             for t in &mut self.tables {
                 t.recovery.remove(&key);
+                t.reread.revoke(key);
+                t.checked.remove(&key);
+                t.dead_letters.remove(&key);
             }
             self.metrics
                 .forget_partition(&self.topics[key.topic as usize].name, key.partition);
         }
         self.abandoned.retain(|s| !keys.contains(&s.key));
-        if self.exactly_once.is_some() {
-            self.discard_batches_of(&keys);
-        }
     }
 
-    /// Exactly-once: batches of partitions no longer owned are not inserted
-    /// (the new owner replays their ranges); their memory is given back.
+    /// Batches holding only partitions no longer owned are not inserted
+    /// (the new owner reads their records again); their memory is given
+    /// back. A batch that also holds a partition still owned is kept.
     fn discard_batches_of(&mut self, keys: &[PartitionKey]) {
         for t in &mut self.tables {
-            let mut gone = 0;
+            let gone = |segments: &[Segment]| {
+                !segments.is_empty() && segments.iter().all(|s| keys.contains(&s.key))
+            };
+            let mut freed = 0;
             t.open.retain(|b| {
-                let keep = !b.partition.is_some_and(|k| keys.contains(&k));
+                let keep = !gone(&b.segments);
                 if !keep {
-                    gone += b.body.len();
+                    freed += b.accounted;
                 }
                 keep
             });
             t.waiting.retain(|b| {
-                let keep = !b.segments.iter().any(|s| keys.contains(&s.key));
+                let keep = !gone(&b.segments);
                 if !keep {
-                    gone += b.body.len();
+                    freed += b.accounted;
                 }
                 keep
             });
-            t.buffered = t.buffered.saturating_sub(gone);
+            t.buffered = t.buffered.saturating_sub(freed);
         }
+    }
+
+    // ------------------------------------------------------------ drains
+
+    /// When every drain must be over once a shutdown was asked for: the
+    /// drain timeout after the request was first seen, shared by a
+    /// revocation under way and the final drain, so that a stop never takes
+    /// longer than `shutdown_timeout` however they follow each other.
+    fn stop_deadline(&mut self) -> Option<Instant> {
+        if !self.stop.is_cancelled() {
+            return None;
+        }
+        let timeout = self.limits.drain_timeout;
+        Some(
+            *self
+                .stop_deadline
+                .get_or_insert_with(|| Instant::now() + timeout),
+        )
+    }
+
+    /// Holds of `keys` a drain does not wait for: refused batches, replayed
+    /// ranges it abandoned, records waiting to be read again, and batches
+    /// held back by a dead letter that failed.
+    fn parked(&self, keys: &[PartitionKey]) -> (usize, usize) {
+        let of = |s: &&Segment| keys.contains(&s.key);
+        let refused = self.refused.iter().filter(of).count();
+        let gated_failed = if self.fatal.is_some() {
+            self.tables
+                .iter()
+                .flat_map(|t| t.waiting.iter().filter(|b| t.gated(b)))
+                .flat_map(|b| &b.segments)
+                .filter(of)
+                .count()
+        } else {
+            0
+        };
+        let other = self.abandoned.iter().filter(of).count()
+            + self
+                .tables
+                .iter()
+                .flat_map(|t| t.reread.holds())
+                .filter(of)
+                .count()
+            + gated_failed;
+        (refused, other)
     }
 
     /// Closes every batch holding records of `keys` (all when `None`) and waits
     /// until ClickHouse acknowledged them or the drain timeout passed.
     /// Returns true when nothing of those partitions is left unacknowledged.
-    pub fn drain(&mut self, consumer: &Consumer, keys: Option<&[PartitionKey]>) -> bool {
+    pub fn drain(&mut self, consumer: &dyn ConsumerControl, keys: Option<&[PartitionKey]>) -> bool {
         let keys: Vec<PartitionKey> = match keys {
             Some(k) => k.to_vec(),
             None => self.tracker.keys().collect(),
@@ -1683,27 +2178,20 @@ impl Core {
         for ti in 0..self.tables.len() {
             self.close_batches_of(ti, &keys);
         }
-        let deadline = Instant::now() + self.limits.drain_timeout;
+        let mut deadline = Instant::now() + self.limits.drain_timeout;
         loop {
+            if let Some(d) = self.stop_deadline() {
+                deadline = deadline.min(d);
+            }
             for ti in 0..self.tables.len() {
                 self.send_waiting(ti);
             }
-            // Refused batches stay held for good: wait for everything else.
-            let refused = self
-                .refused
-                .iter()
-                .filter(|s| keys.contains(&s.key))
-                .count();
-            let abandoned = self
-                .abandoned
-                .iter()
-                .filter(|s| keys.contains(&s.key))
-                .count();
+            let (refused, other) = self.parked(&keys);
             let held = keys
                 .iter()
                 .map(|k| self.tracker.held(*k))
                 .sum::<usize>()
-                .saturating_sub(refused + abandoned);
+                .saturating_sub(refused + other);
             if held == 0 {
                 return refused == 0;
             }
@@ -1726,25 +2214,25 @@ impl Core {
             }
             // Keep the consumer's own liveness: commits of what is done so far.
             if Instant::now().duration_since(self.last_commit) >= self.limits.commit_interval {
-                self.commit(consumer, CommitMode::Async, None);
+                self.commit(consumer, false, None);
             }
         }
     }
 
     /// Final step of a shutdown: drain everything and commit synchronously.
-    pub fn shutdown(&mut self, consumer: &Consumer) -> bool {
+    pub fn shutdown(&mut self, consumer: &dyn ConsumerControl) -> bool {
         let drained = self.drain(consumer, None);
         self.closing = true;
         let keys: Vec<PartitionKey> = self.tracker.keys().collect();
-        self.commit(consumer, CommitMode::Sync, Some(&keys));
+        self.commit(consumer, true, Some(&keys));
         drained
     }
 }
 
-fn describe(tpl: &TopicPartitionList) -> String {
-    tpl.elements()
+fn describe(partitions: &[TopicPartition]) -> String {
+    partitions
         .iter()
-        .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+        .map(|(t, p)| format!("{t}[{p}]"))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -1752,19 +2240,66 @@ fn describe(tpl: &TopicPartitionList) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{json::JsonDecoder, UnknownFields};
+    use crate::config::KafkaConfig;
+    use crate::decode::{json::JsonDecoder, Decoder, RecordError, UnknownFields};
+    use crate::exactly_once::memory::MemoryStore;
+    use crate::kafka::control::fake::FakeConsumer;
     use crate::schema::TableSchema;
 
     struct Harness {
         core: Core,
         sinks: Vec<mpsc::Receiver<ReadyBatch>>,
         events: std_mpsc::Sender<SinkEvent>,
+        store: Arc<MemoryStore>,
+        _rt: Option<tokio::runtime::Runtime>,
     }
 
-    /// One topic "t" fanned out to a lenient table "a" (skip) and a strict table "b".
-    fn harness(b_policy: OnError, max_rows: usize) -> Harness {
-        let a = TableSchema::from_columns("db", "a", &[("id", "UInt64")]);
-        let b = TableSchema::from_columns("db", "b", &[("id", "UInt8")]);
+    const P0: PartitionKey = PartitionKey {
+        topic: 0,
+        partition: 0,
+    };
+    const P1: PartitionKey = PartitionKey {
+        topic: 0,
+        partition: 1,
+    };
+
+    fn table_a() -> TableSchema {
+        TableSchema::from_columns("db", "a", &[("id", "UInt64")])
+    }
+
+    fn table_b() -> TableSchema {
+        TableSchema::from_columns("db", "b", &[("id", "UInt8")])
+    }
+
+    fn json(schema: &TableSchema) -> Box<dyn Decoder> {
+        Box::new(JsonDecoder::new(
+            schema,
+            UnknownFields::Ignore,
+            crate::decode::DecodeLimits::default(),
+        ))
+    }
+
+    fn limits(max_rows: usize) -> Limits {
+        Limits {
+            max_rows,
+            max_bytes: 1 << 20,
+            max_wait: Duration::from_secs(60),
+            commit_interval: Duration::from_secs(60),
+            max_buffered_bytes: 1 << 24,
+            drain_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// One topic "t" fanned out to a lenient table "db.a" (UInt64, `a_policy`)
+    /// and a strict table "db.b" (UInt8, `b_policy`).
+    fn harness_with(
+        a_policy: OnError,
+        b_policy: OnError,
+        limits: Limits,
+        shared: Shared,
+    ) -> Harness {
+        let (a, b) = (table_a(), table_b());
         let (events, events_rx) = std_mpsc::channel();
         let metrics = Arc::new(Metrics::new());
         let mut tables = Vec::new();
@@ -1774,54 +2309,37 @@ mod tests {
             tables.push(TableState::new(s.to_string(), tx));
             sinks.push(rx);
         }
+        let mut ra = route_config(a_policy);
+        let mut rb = route_config(b_policy);
+        for r in [&mut ra, &mut rb] {
+            if r.on_error == OnError::DeadLetter {
+                r.dead_letter_topic = Some("dlq".into());
+            }
+        }
         let routes = vec![
-            RouteState::new(
-                0,
-                Box::new(JsonDecoder::new(
-                    &a,
-                    UnknownFields::Ignore,
-                    crate::decode::DecodeLimits::default(),
-                )),
-                &route_config(OnError::Skip),
-            ),
-            RouteState::new(
-                1,
-                Box::new(JsonDecoder::new(
-                    &b,
-                    UnknownFields::Ignore,
-                    crate::decode::DecodeLimits::default(),
-                )),
-                &route_config(b_policy),
-            ),
+            RouteState::new(0, json(&a), &ra),
+            RouteState::new(1, json(&b), &rb),
         ];
-        let limits = Limits {
-            max_rows,
-            max_bytes: 1 << 20,
-            max_wait: Duration::from_secs(60),
-            commit_interval: Duration::from_secs(60),
-            max_buffered_bytes: 1 << 24,
-            drain_timeout: Duration::from_secs(1),
-            stall_timeout: Duration::from_secs(60),
-        };
         let core = Core::new(
             limits,
             vec![("t".into(), vec![0, 1])],
             routes,
             tables,
             events_rx,
-            Shared {
-                reloads: None,
-                ownership: Arc::new(Ownership::default()),
-                dead_letters: None,
-                exactly_once: None,
-            },
+            shared,
             metrics,
         );
         Harness {
             core,
             sinks,
             events,
+            store: Arc::new(MemoryStore::default()),
+            _rt: None,
         }
+    }
+
+    fn harness(b_policy: OnError, max_rows: usize) -> Harness {
+        harness_with(OnError::Skip, b_policy, limits(max_rows), Shared::default())
     }
 
     fn route_config(on_error: OnError) -> crate::config::RouteConfig {
@@ -1861,36 +2379,50 @@ mod tests {
         }
     }
 
-    /// The harness in exactly-once mode, with the recorded ranges of
-    /// partition 0 already read (`recorded` for table a).
-    fn exactly_once_harness(recorded: Option<(i64, i64)>) -> (Harness, tokio::runtime::Runtime) {
+    /// The harness in exactly-once mode over a state store holding
+    /// `recorded` (first, last) for table db.a, partition 0. Nothing is read
+    /// from it before the first record of a partition: recovery runs as in
+    /// the bridge (`Core::recover`).
+    fn exactly_once_harness_with(
+        recorded: &[(i32, i64, i64)],
+        a_policy: OnError,
+        b_policy: OnError,
+        limits: Limits,
+    ) -> Harness {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap();
-        let mut h = harness(OnError::Skip, 1000);
-        h.core.exactly_once = Some(ExactlyOnce {
-            state: StateStore::new(
-                clickhouse::Client::default(),
-                ("db".into(), "state".into()),
-                "g",
-            ),
-            runtime: rt.handle().clone(),
-            retry: crate::config::RetryConfig::default(),
-            stop: CancellationToken::new(),
-            health: Arc::new(crate::observability::Health::new(Duration::from_secs(60))),
-        });
-        for p in [0, 1] {
-            h.core.recovered.insert(PartitionKey {
-                topic: 0,
-                partition: p,
-            });
-        }
-        if let Some((first, last)) = recorded {
-            h.core.tables[0]
-                .recovery
-                .insert(P0, Recovery::Recorded { first, last });
-        }
-        (h, rt)
+        let store = Arc::new(MemoryStore::with(
+            &recorded
+                .iter()
+                .map(|&(partition, first, last)| BatchRange {
+                    table: "db.a".into(),
+                    topic: "t".into(),
+                    partition,
+                    first,
+                    last,
+                })
+                .collect::<Vec<_>>(),
+        ));
+        let shared = Shared {
+            exactly_once: Some(ExactlyOnce {
+                state: store.clone(),
+                runtime: rt.handle().clone(),
+                retry: crate::config::RetryConfig::default(),
+                health: Arc::new(crate::observability::Health::new(Duration::from_secs(60))),
+            }),
+            ..Shared::default()
+        };
+        let mut h = harness_with(a_policy, b_policy, limits, shared);
+        h.store = store;
+        h._rt = Some(rt);
+        h
+    }
+
+    fn exactly_once_harness(recorded: Option<(i64, i64)>) -> Harness {
+        let recorded: Vec<(i32, i64, i64)> = recorded.map(|(f, l)| (0, f, l)).into_iter().collect();
+        exactly_once_harness_with(&recorded, OnError::Skip, OnError::Skip, limits(1000))
     }
 
     fn ranges(h: &mut Harness, table: usize) -> Vec<(i32, i64, i64, usize)> {
@@ -1910,9 +2442,22 @@ mod tests {
         }
     }
 
+    /// Acknowledges every batch the sinks hold.
+    fn ack_all(h: &mut Harness) {
+        for ti in 0..h.sinks.len() {
+            while let Ok(batch) = h.sinks[ti].try_recv() {
+                h.core.on_event(SinkEvent::Inserted { batch, rejected: 0 });
+            }
+        }
+    }
+
+    fn offsets(b: &ReadyBatch) -> Vec<i64> {
+        b.rows.iter().map(|r| r.offset).collect()
+    }
+
     #[test]
     fn exactly_once_batches_hold_one_partition_each() {
-        let (mut h, _rt) = exactly_once_harness(None);
+        let mut h = exactly_once_harness(None);
         for o in 0..3 {
             h.core.on_record(&record_at(0, o, r#"{"id":1}"#));
             h.core.on_record(&record_at(1, o + 10, r#"{"id":2}"#));
@@ -1925,7 +2470,7 @@ mod tests {
 
     #[test]
     fn a_recorded_range_is_replayed_exactly_when_the_commit_is_below_it() {
-        let (mut h, _rt) = exactly_once_harness(Some((10, 19)));
+        let mut h = exactly_once_harness(Some((10, 19)));
         // The group's commit stands at 5: 5..9 are in table a already.
         for o in 5..25 {
             h.core.on_record(&record(o, r#"{"id":1}"#));
@@ -1935,11 +2480,14 @@ mod tests {
         // Table b has no recorded range: everything from 5, in one batch.
         assert_eq!(ranges(&mut h, 1), vec![(0, 5, 24, 20)]);
         assert_eq!(h.core.tracker.position(P0), Some(5), "held by the batches");
+        // Recovery went through the store, once for the partition.
+        assert_eq!(h.store.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(h.core.metrics.replays.with_label_values(&["db.a"]).get(), 1);
     }
 
     #[test]
     fn a_replayed_range_keeps_its_end_when_its_last_records_fail() {
-        let (mut h, _rt) = exactly_once_harness(Some((10, 14)));
+        let mut h = exactly_once_harness(Some((10, 14)));
         for o in 10..13 {
             h.core.on_record(&record(o, r#"{"id":1}"#));
         }
@@ -1953,7 +2501,7 @@ mod tests {
 
     #[test]
     fn a_replayed_range_holds_the_commit_at_its_start() {
-        let (mut h, _rt) = exactly_once_harness(Some((10, 14)));
+        let mut h = exactly_once_harness(Some((10, 14)));
         // 10 and 11 fail: without a hold at 10 the commit could pass the
         // range's start before its rows land, and the next owner would skip it.
         h.core.on_record(&record(10, "bad"));
@@ -1961,7 +2509,7 @@ mod tests {
         h.core.on_record(&record(12, r#"{"id":1}"#));
         assert_eq!(h.core.tracker.position(P0), Some(10));
         // A range whose records all fail releases its hold when it ends.
-        let (mut h, _rt) = exactly_once_harness(Some((10, 11)));
+        let mut h = exactly_once_harness(Some((10, 11)));
         h.core.on_record(&record(10, "bad"));
         h.core.on_record(&record(11, "bad"));
         assert!(h.core.tables[0].open.is_empty());
@@ -1970,7 +2518,7 @@ mod tests {
 
     #[test]
     fn a_commit_past_a_recorded_range_start_skips_the_whole_range() {
-        let (mut h, _rt) = exactly_once_harness(Some((10, 19)));
+        let mut h = exactly_once_harness(Some((10, 19)));
         // Commit at 12 > 10: the batch [10, 19] was acknowledged.
         for o in 12..22 {
             h.core.on_record(&record(o, r#"{"id":1}"#));
@@ -1982,7 +2530,7 @@ mod tests {
 
     #[test]
     fn revoked_partitions_lose_their_exactly_once_batches() {
-        let (mut h, _rt) = exactly_once_harness(None);
+        let mut h = exactly_once_harness(None);
         h.core.on_record(&record_at(0, 0, r#"{"id":1}"#));
         h.core.on_record(&record_at(1, 0, r#"{"id":1}"#));
         let before = h.core.buffered_bytes();
@@ -1998,7 +2546,11 @@ mod tests {
         let mut h = harness(OnError::Skip, 1000);
         for o in 0..300 {
             let json = if o % 3 == 0 { r#"{"id":1}"# } else { "bad" };
-            assert!(h.core.on_record(&record(o, json)), "the bridge goes on");
+            assert_ne!(
+                h.core.on_record(&record(o, json)),
+                Flow::Stop,
+                "the bridge goes on"
+            );
         }
         assert!(h.core.fatal().is_none());
         // Two thirds fail: the limit (0.5) trips once 100 records are seen,
@@ -2018,11 +2570,6 @@ mod tests {
         }
         assert_eq!(h.core.tracker.position(P0), Some(100));
     }
-
-    const P0: PartitionKey = PartitionKey {
-        topic: 0,
-        partition: 0,
-    };
 
     #[test]
     fn a_full_batch_goes_to_its_sink_and_only_its_ack_moves_the_position() {
@@ -2071,17 +2618,6 @@ mod tests {
     }
 
     #[test]
-    fn skipped_record_warnings_are_capped_per_second() {
-        let mut b = LogBudget::new();
-        let allowed = (0..100).filter(|_| b.allow("db.t")).count();
-        assert_eq!(allowed, LogBudget::PER_SECOND as usize);
-        assert_eq!(b.suppressed, 90);
-        b.window -= Duration::from_secs(2);
-        assert!(b.allow("db.t"));
-        assert_eq!(b.suppressed, 0);
-    }
-
-    #[test]
     fn a_stop_takes_the_record_back_from_the_routes_that_took_it() {
         let mut h = harness(OnError::Stop, 100);
         h.core.on_record(&record(0, r#"{"id":1}"#));
@@ -2103,5 +2639,567 @@ mod tests {
             2,
             "offset 0 held by a and b, nothing else"
         );
+    }
+
+    /// Fails the record at `at` with `kind`, decodes the others with `inner`.
+    struct FailAt {
+        inner: Box<dyn Decoder>,
+        at: i64,
+        kind: RecordErrorKind,
+    }
+
+    impl Decoder for FailAt {
+        fn decode(&mut self, rec: &Record<'_>, out: &mut Vec<u8>) -> Result<(), RecordError> {
+            if rec.offset == self.at {
+                return Err(RecordError {
+                    kind: self.kind,
+                    column: None,
+                    message: "scripted".into(),
+                });
+            }
+            self.inner.decode(rec, out)
+        }
+    }
+
+    /// Item 1: a record the bridge stops on is in no batch's range, whatever
+    /// made it stop and whichever route took it first: a closed range
+    /// [first, X] would make the next start skip X for good.
+    #[test]
+    fn a_record_the_bridge_stops_on_is_in_no_recorded_range() {
+        let stops = [
+            (OnError::Stop, RecordErrorKind::Conversion),
+            (OnError::Skip, RecordErrorKind::Unavailable),
+            (OnError::DeadLetter, RecordErrorKind::Schema),
+        ];
+        for (policy, kind) in stops {
+            let mut h = exactly_once_harness_with(&[], OnError::Skip, policy, limits(1000));
+            h.core.routes[1].decoder = Box::new(FailAt {
+                inner: json(&table_b()),
+                at: 5,
+                kind,
+            });
+            for o in 0..5 {
+                assert_eq!(h.core.on_record(&record(o, r#"{"id":1}"#)), Flow::Go);
+            }
+            // Table a takes 5 first; table b stops on it.
+            assert_eq!(
+                h.core.on_record(&record(5, r#"{"id":1}"#)),
+                Flow::Stop,
+                "{kind:?}"
+            );
+            assert!(h.core.fatal().is_some());
+            // What a shutdown drain would send:
+            close_all(&mut h);
+            assert_eq!(ranges(&mut h, 0), vec![(0, 0, 4, 5)], "{kind:?}: table a");
+            assert_eq!(ranges(&mut h, 1), vec![(0, 0, 4, 5)], "{kind:?}: table b");
+            assert_eq!(h.core.tracker.position(P0), Some(0));
+        }
+    }
+
+    /// Item 1: a route stopped by max_failed_ratio leaves the record that
+    /// tripped it out of every range too.
+    #[test]
+    fn a_route_stopped_for_failing_too_often_leaves_its_last_record_out_of_the_ranges() {
+        let mut h = exactly_once_harness_with(&[], OnError::Skip, OnError::Skip, limits(10_000));
+        for o in 0..300 {
+            // Table b refuses two thirds (ids over 255); table a takes all.
+            let json = if o % 3 == 0 {
+                r#"{"id":1}"#
+            } else {
+                r#"{"id":300}"#
+            };
+            h.core.on_record(&record(o, json));
+        }
+        assert!(h.core.stopped_topics.contains(&0));
+        close_all(&mut h);
+        // The limit trips at offset 100 (the 100th record judged): nothing
+        // from there on is in a range, in either table.
+        assert_eq!(ranges(&mut h, 0), vec![(0, 0, 99, 100)]);
+        let b = ranges(&mut h, 1);
+        assert_eq!(b.len(), 1);
+        assert_eq!((b[0].1, b[0].2), (0, 99), "{b:?}");
+    }
+
+    fn dead_letters(events: std_mpsc::Sender<SinkEvent>) -> Arc<DeadLetters> {
+        let cfg = KafkaConfig {
+            // Nothing listens: sends are queued and never acknowledged
+            // unless the test says so.
+            brokers: "127.0.0.1:1".into(),
+            group_id: "g".into(),
+            instance_id: None,
+            auto_offset_reset: crate::config::OffsetReset::Earliest,
+            properties: Default::default(),
+        };
+        Arc::new(DeadLetters::new(&cfg, events, 1 << 20).unwrap())
+    }
+
+    /// Item 2: exactly-once, a batch whose range covers (or follows) a record
+    /// sent to the dead-letter topic is not recorded or inserted until the
+    /// broker has the dead letter: after a crash, recovery skips what the
+    /// ranges cover, and a record neither inserted nor dead-lettered would
+    /// be lost.
+    #[test]
+    fn a_batch_waits_for_the_dead_letters_below_its_end() {
+        let mut h =
+            exactly_once_harness_with(&[], OnError::DeadLetter, OnError::Skip, limits(1000));
+        h.core.dead_letters = Some(dead_letters(h.events.clone()));
+        h.core.on_record(&record(0, r#"{"id":1}"#));
+        h.core.on_record(&record(1, "not json"));
+        h.core.on_record(&record(2, r#"{"id":1}"#));
+        close_all(&mut h);
+        assert!(
+            ranges(&mut h, 0).is_empty(),
+            "sent before its dead letter was acknowledged"
+        );
+        assert_eq!(h.core.tables[0].waiting.len(), 1);
+        assert_eq!(h.core.tables[0].in_sink, 0);
+        // Table b does not dead-letter: its batch goes (1 is b's failure, skipped).
+        assert_eq!(ranges(&mut h, 1), vec![(0, 0, 2, 2)]);
+        let generation = h.core.tracker.generation(P0);
+        h.core.on_event(SinkEvent::DeadLettered {
+            segment: Segment {
+                key: P0,
+                generation,
+                first_offset: 1,
+            },
+            table: 0,
+            bytes: crate::kafka::dead_letter::size_of(&record(1, "not json")),
+            error: None,
+        });
+        assert_eq!(ranges(&mut h, 0), vec![(0, 0, 2, 2)]);
+        // A dead letter before the batch's first record holds it back too.
+        h.core.on_record(&record(3, "not json"));
+        h.core.on_record(&record(4, r#"{"id":1}"#));
+        close_all(&mut h);
+        assert!(ranges(&mut h, 0).is_empty());
+    }
+
+    /// Item 3: partitions lost (session timeout, fenced member) are another
+    /// member's already: nothing of theirs is inserted or committed here.
+    #[test]
+    fn lost_partitions_discard_their_batches_and_commit_nothing() {
+        let mut h = harness(OnError::Skip, 1000);
+        let consumer = FakeConsumer::with(&[("t", 0), ("t", 1)]);
+        h.core.on_assign(&[("t".into(), 0), ("t".into(), 1)]);
+        for o in 0..3 {
+            h.core.on_record(&record_at(0, o, r#"{"id":1}"#));
+            h.core.on_record(&record_at(1, o, r#"{"id":1}"#));
+        }
+        h.core
+            .on_revoke(&consumer, &[("t".into(), 0), ("t".into(), 1)], true);
+        assert!(
+            consumer.commits.borrow().is_empty(),
+            "committed for lost partitions"
+        );
+        close_all(&mut h);
+        assert!(
+            h.sinks[0].try_recv().is_err(),
+            "a lost partition's batch was sent"
+        );
+        assert_eq!(h.core.buffered_bytes(), 0);
+        let seg = Segment {
+            key: P0,
+            generation: 1,
+            first_offset: 0,
+        };
+        assert!(
+            !h.core.ownership.owns(&seg),
+            "the sinks still see it as owned"
+        );
+        // A fatal consumer error gives up everything the same way.
+        let mut h = harness(OnError::Skip, 1000);
+        h.core.on_assign(&[("t".into(), 0)]);
+        h.core.on_record(&record(0, r#"{"id":1}"#));
+        h.core.abandon();
+        assert!(h.core.tables.iter().all(|t| t.open.is_empty()));
+        assert!(!h.core.shutdown(&consumer) || consumer.commits.borrow().is_empty());
+        assert!(consumer.commits.borrow().is_empty());
+    }
+
+    /// Item 5: a replayed range must read on to its end even while its table
+    /// is full: paused, it could never finish, and the memory it holds would
+    /// never come back.
+    #[test]
+    fn a_replay_reads_to_its_end_while_its_table_is_full() {
+        let mut tiny = limits(1000);
+        tiny.max_buffered_bytes = 16;
+        let mut h =
+            exactly_once_harness_with(&[(0, 0, 9), (1, 0, 9)], OnError::Skip, OnError::Skip, tiny);
+        let consumer = FakeConsumer::with(&[("t", 0), ("t", 1)]);
+        for o in 0..4 {
+            h.core.on_record(&record_at(0, o, r#"{"id":1}"#));
+        }
+        h.core.service(&consumer);
+        assert!(
+            h.core.tables[0].buffered >= h.core.table_share(),
+            "the table is full"
+        );
+        assert!(
+            !consumer.is_paused("t", 0),
+            "the replaying partition was paused"
+        );
+        assert!(consumer.is_paused("t", 1));
+        for o in 4..10 {
+            h.core.on_record(&record_at(0, o, r#"{"id":1}"#));
+        }
+        assert_eq!(
+            ranges(&mut h, 0),
+            vec![(0, 0, 9, 10)],
+            "the replay completed"
+        );
+        h.core.service(&consumer);
+        assert!(consumer.is_paused("t", 0), "paused once its replay ended");
+    }
+
+    /// Item 6: a batch's memory is given back as it was counted, whatever
+    /// the sink did to its body.
+    #[test]
+    fn buffered_bytes_return_to_zero_whatever_the_sink_did_to_the_body() {
+        let mut h = harness(OnError::Skip, 2);
+        h.core.on_record(&record(0, r#"{"id":1}"#));
+        h.core.on_record(&record(1, r#"{"id":2}"#));
+        for ti in 0..2 {
+            let mut b = h.sinks[ti].try_recv().unwrap();
+            b.body = b.body.slice(..1); // re-encoded shorter (a dropped column)
+            h.core.on_event(SinkEvent::Inserted {
+                batch: b,
+                rejected: 0,
+            });
+        }
+        assert_eq!(h.core.buffered_bytes(), 0);
+    }
+
+    /// Item 13: each row's origin and each dead letter not yet acknowledged
+    /// count in the budget, and a record that fills its table's share asks
+    /// for the housekeeping at once.
+    #[test]
+    fn row_origins_and_dead_letters_count_in_the_budget() {
+        let mut l = limits(1000);
+        l.max_buffered_bytes = 2 * (10 * (9 + ROW_ORIGIN_BYTES));
+        let mut h = harness_with(OnError::DeadLetter, OnError::Skip, l, Shared::default());
+        h.core.dead_letters = Some(dead_letters(h.events.clone()));
+        let mut flows = Vec::new();
+        for o in 0..10 {
+            flows.push(h.core.on_record(&record(o, r#"{"id":1}"#)));
+        }
+        // a: 10 rows of 9 bytes (flag + UInt64); b: 10 of 2.
+        assert_eq!(h.core.tables[0].buffered, 10 * (9 + ROW_ORIGIN_BYTES));
+        assert_eq!(h.core.tables[1].buffered, 10 * (2 + ROW_ORIGIN_BYTES));
+        assert_eq!(flows.last(), Some(&Flow::Service), "{flows:?}");
+        assert!(flows[..9].iter().all(|f| *f == Flow::Go), "{flows:?}");
+        let before = h.core.tables[0].buffered;
+        h.core.on_record(&record(10, "not json"));
+        let letter = h.core.tables[0].buffered - before;
+        assert_eq!(
+            letter,
+            crate::kafka::dead_letter::size_of(&record(10, "not json"))
+        );
+        let generation = h.core.tracker.generation(P0);
+        h.core.on_event(SinkEvent::DeadLettered {
+            segment: Segment {
+                key: P0,
+                generation,
+                first_offset: 10,
+            },
+            table: 0,
+            bytes: letter,
+            error: None,
+        });
+        assert_eq!(h.core.tables[0].buffered, before);
+    }
+
+    /// Item 14: a commit that fails at once is sent again by the next
+    /// periodic commit, even for a partition where nothing moved since;
+    /// and so is one the broker refused later (the commit callback).
+    #[test]
+    fn a_commit_that_fails_is_repeated_for_an_idle_partition() {
+        let mut l = limits(1000);
+        l.commit_interval = Duration::ZERO;
+        let mut h = harness_with(OnError::Skip, OnError::Skip, l, Shared::default());
+        let consumer = FakeConsumer::with(&[("t", 0)]);
+        h.core.on_assign(&[("t".into(), 0)]);
+        h.core.on_record(&record(0, "bad")); // skipped by both: nothing held
+        *consumer.fail_commits.borrow_mut() = 1;
+        h.core.service(&consumer);
+        assert_eq!(consumer.committed("t", 0), None);
+        h.core.service(&consumer);
+        assert_eq!(
+            consumer.committed("t", 0),
+            Some(1),
+            "the failed commit was not repeated"
+        );
+        // Refused by the broker later: reported through the events channel.
+        let sent = consumer.commits.borrow().len();
+        h.core.service(&consumer);
+        assert_eq!(
+            consumer.commits.borrow().len(),
+            sent,
+            "nothing moved, nothing failed"
+        );
+        h.events
+            .send(SinkEvent::CommitFailed(vec![("t".into(), 0)]))
+            .unwrap();
+        h.core.service(&consumer);
+        assert_eq!(consumer.commits.borrow().len(), sent + 1);
+    }
+
+    /// Item 15: once a stop is asked for, a revocation drain and the final
+    /// drain together take at most the drain timeout, not one each.
+    #[test]
+    fn a_stop_during_a_revocation_bounds_both_drains_together() {
+        let stop = CancellationToken::new();
+        let shared = Shared {
+            stop: stop.clone(),
+            ..Shared::default()
+        };
+        let mut h = harness_with(OnError::Skip, OnError::Skip, limits(1000), shared);
+        let consumer = FakeConsumer::with(&[("t", 0), ("t", 1)]);
+        h.core.on_assign(&[("t".into(), 0), ("t".into(), 1)]);
+        h.core.on_record(&record_at(0, 0, r#"{"id":1}"#));
+        h.core.on_record(&record_at(1, 0, r#"{"id":1}"#));
+        // ClickHouse never answers; SIGTERM arrives as the revocation starts.
+        stop.cancel();
+        let started = Instant::now();
+        h.core.on_revoke(&consumer, &[("t".into(), 0)], false);
+        assert!(!h.core.shutdown(&consumer));
+        let took = started.elapsed();
+        assert!(
+            took < h.core.limits.drain_timeout.mul_f64(1.5),
+            "the two drains took {took:?} for a drain timeout of {:?}",
+            h.core.limits.drain_timeout
+        );
+    }
+
+    /// The harness with table a following a schema history; returns it.
+    fn with_history(h: &mut Harness) -> Arc<History> {
+        let (history, feed) = History::new(table_a());
+        let t = std::mem::replace(
+            &mut h.core.tables[0],
+            TableState::new(String::new(), mpsc::channel(1).0),
+        );
+        h.core.tables[0] = t.with_schema_feed(feed, history.clone());
+        history
+    }
+
+    /// Item 8: when a table's columns change, the rows decoded for the old
+    /// ones and not inserted yet are decoded again from their records (a
+    /// new column takes the records' values), not re-encoded with defaults.
+    /// The other tables of the topic take nothing twice.
+    #[test]
+    fn a_table_change_decodes_pending_records_again_from_kafka() {
+        let mut h = harness(OnError::Skip, 1000);
+        let history = with_history(&mut h);
+        let consumer = FakeConsumer::with(&[("t", 0)]);
+        h.core.on_assign(&[("t".into(), 0)]);
+        let rec = |o: i64| format!(r#"{{"id":{o},"c":{}}}"#, o * 10);
+        for o in 0..5 {
+            h.core.on_record(&record(o, &rec(o)));
+        }
+        // ALTER TABLE db.a ADD COLUMN c UInt64, seen by the sink.
+        history.observe(TableSchema::from_columns(
+            "db",
+            "a",
+            &[("id", "UInt64"), ("c", "UInt64")],
+        ));
+        h.core.service(&consumer);
+        assert_eq!(*consumer.seeks.borrow(), vec![("t".to_string(), 0, 0)]);
+        assert_eq!(
+            h.core.tracker.position(P0),
+            Some(0),
+            "held while read again"
+        );
+        // The consumer reads 0..4 again, then goes on.
+        for o in 0..8 {
+            h.core.on_record(&record(o, &rec(o)));
+        }
+        close_all(&mut h);
+        let a = h.sinks[0].try_recv().unwrap();
+        assert_eq!(offsets(&a), (0..8).collect::<Vec<_>>());
+        assert_eq!(a.schema_version, 1);
+        // Every row carries its own `c`: flag 0 + UInt64 id, flag 0 + UInt64 c.
+        for (i, row) in a.body.chunks(18).enumerate() {
+            assert_eq!(&row[10..18], &(i as u64 * 10).to_le_bytes(), "row {i}");
+        }
+        let b = h.sinks[1].try_recv().unwrap();
+        assert_eq!(
+            offsets(&b),
+            (0..8).collect::<Vec<_>>(),
+            "table b took each record once"
+        );
+        assert_eq!(
+            h.core
+                .metrics
+                .records_redecoded
+                .with_label_values(&["db.a"])
+                .get(),
+            5
+        );
+        h.core.on_event(SinkEvent::Inserted {
+            batch: a,
+            rejected: 0,
+        });
+        h.core.on_event(SinkEvent::Inserted {
+            batch: b,
+            rejected: 0,
+        });
+        assert_eq!(h.core.tracker.position(P0), Some(8));
+        assert_eq!(h.core.buffered_bytes(), 0);
+    }
+
+    /// Item 8: a batch the sink returns as stale (the table changed while it
+    /// waited) is read again as well, and the re-read waits for every batch
+    /// the sink still had.
+    #[test]
+    fn a_stale_batch_from_the_sink_is_read_again() {
+        let mut h = harness(OnError::Skip, 3);
+        let history = with_history(&mut h);
+        let consumer = FakeConsumer::with(&[("t", 0)]);
+        h.core.on_assign(&[("t".into(), 0)]);
+        for o in 0..6 {
+            h.core.on_record(&record(o, r#"{"id":1}"#));
+        }
+        let first = h.sinks[0].try_recv().unwrap();
+        let second = h.sinks[0].try_recv().unwrap();
+        assert_eq!(h.core.tables[0].in_sink, 2);
+        history.observe(TableSchema::from_columns(
+            "db",
+            "a",
+            &[("id", "UInt64"), ("c", "UInt64")],
+        ));
+        h.core.on_event(SinkEvent::Inserted {
+            batch: first,
+            rejected: 0,
+        });
+        h.core.service(&consumer);
+        assert!(
+            consumer.seeks.borrow().is_empty(),
+            "a batch is still in the sink"
+        );
+        h.core.on_event(SinkEvent::Stale {
+            batch: second,
+            recorded: false,
+        });
+        h.core.service(&consumer);
+        assert_eq!(*consumer.seeks.borrow(), vec![("t".to_string(), 0, 3)]);
+    }
+
+    /// Item 8: a record whose value does not convert (or whose field no
+    /// column takes) is judged only against columns read after it: before,
+    /// the table is checked, and the record read again.
+    #[test]
+    fn a_failed_record_waits_for_a_check_of_the_table_before_it_is_judged() {
+        let mut h = harness_with(
+            OnError::Stop,
+            OnError::Skip,
+            limits(1000),
+            Shared::default(),
+        );
+        let _history = with_history(&mut h);
+        let consumer = FakeConsumer::with(&[("t", 0)]);
+        h.core.on_assign(&[("t".into(), 0)]);
+        h.core.on_record(&record(0, r#"{"id":1}"#));
+        // -1 does not fit UInt64 (unless the column changed to Int64).
+        assert_eq!(h.core.on_record(&record(1, r#"{"id":-1}"#)), Flow::Go);
+        assert!(
+            h.core.fatal().is_none(),
+            "judged before the table was checked"
+        );
+        h.core.on_record(&record(2, r#"{"id":2}"#));
+        assert_eq!(h.core.tracker.position(P0), Some(0));
+        h.core.service(&consumer);
+        assert!(
+            consumer.seeks.borrow().is_empty(),
+            "read again before the check answered"
+        );
+        // The check answers: the table did not change.
+        h.events
+            .send(SinkEvent::SchemaChecked {
+                table: 0,
+                result: Ok(()),
+            })
+            .unwrap();
+        h.core.service(&consumer);
+        assert_eq!(*consumer.seeks.borrow(), vec![("t".to_string(), 0, 1)]);
+        // Read again, it is judged now: the route stops on it.
+        assert_eq!(h.core.on_record(&record(1, r#"{"id":-1}"#)), Flow::Stop);
+        assert!(matches!(
+            h.core.fatal(),
+            Some(PipelineError::BadRecord { offset: 1, .. })
+        ));
+    }
+
+    /// Item 8: ... and when the check finds the column changed, the record is
+    /// decoded for the new type instead of being refused.
+    #[test]
+    fn a_value_only_the_new_column_type_holds_lands_after_the_check() {
+        let mut h = harness_with(
+            OnError::Stop,
+            OnError::Skip,
+            limits(1000),
+            Shared::default(),
+        );
+        let history = with_history(&mut h);
+        let consumer = FakeConsumer::with(&[("t", 0)]);
+        h.core.on_assign(&[("t".into(), 0)]);
+        h.core.on_record(&record(0, r#"{"id":1}"#));
+        h.core.on_record(&record(1, r#"{"id":-1}"#));
+        // MODIFY COLUMN id Int64, found by the check.
+        history.observe(TableSchema::from_columns("db", "a", &[("id", "Int64")]));
+        h.events
+            .send(SinkEvent::SchemaChecked {
+                table: 0,
+                result: Ok(()),
+            })
+            .unwrap();
+        h.core.service(&consumer);
+        assert_eq!(*consumer.seeks.borrow(), vec![("t".to_string(), 0, 0)]);
+        for o in 0..3 {
+            let json = if o == 1 {
+                r#"{"id":-1}"#.to_string()
+            } else {
+                format!(r#"{{"id":{o}}}"#)
+            };
+            assert_eq!(h.core.on_record(&record(o, &json)), Flow::Go);
+        }
+        assert!(h.core.fatal().is_none());
+        close_all(&mut h);
+        let a = h.sinks[0].try_recv().unwrap();
+        assert_eq!(offsets(&a), vec![0, 1, 2]);
+        assert_eq!(&a.body[10..18], &(-1i64).to_le_bytes());
+    }
+
+    /// Fan-out during a re-read: records read again for one table are not
+    /// given to the other, and the commit waits for the re-read.
+    #[test]
+    fn records_read_again_for_one_table_do_not_reach_the_other() {
+        let mut h = harness(OnError::Skip, 1000);
+        let history = with_history(&mut h);
+        let consumer = FakeConsumer::with(&[("t", 0), ("t", 1)]);
+        h.core.on_assign(&[("t".into(), 0), ("t".into(), 1)]);
+        for o in 0..4 {
+            h.core.on_record(&record_at(0, o, r#"{"id":1}"#));
+            h.core.on_record(&record_at(1, o, r#"{"id":1}"#));
+        }
+        close_all(&mut h);
+        ack_all(&mut h);
+        for o in 4..6 {
+            h.core.on_record(&record_at(0, o, r#"{"id":1}"#));
+        }
+        history.observe(TableSchema::from_columns(
+            "db",
+            "a",
+            &[("id", "UInt64"), ("x", "String")],
+        ));
+        h.core.service(&consumer);
+        // Only partition 0 had rows not yet inserted into a.
+        assert_eq!(*consumer.seeks.borrow(), vec![("t".to_string(), 0, 4)]);
+        for o in 4..7 {
+            h.core.on_record(&record_at(0, o, r#"{"id":1}"#));
+        }
+        close_all(&mut h);
+        assert_eq!(offsets(&h.sinks[0].try_recv().unwrap()), vec![4, 5, 6]);
+        assert_eq!(offsets(&h.sinks[1].try_recv().unwrap()), vec![4, 5, 6]);
+        assert!(h.sinks[1].try_recv().is_err());
+        let _ = P1;
     }
 }

@@ -2,6 +2,8 @@
 //! the consumer loop on its own thread, and shuts everything down in order.
 
 pub mod core;
+mod rewind;
+mod route;
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
@@ -13,10 +15,12 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use self::core::{Core, ExactlyOnce, Limits, Reload, RouteState, Shared, TableState};
+use self::core::{
+    ClickHouseAccess, Core, ExactlyOnce, Flow, Limits, Reload, RouteState, Shared, TableState,
+};
 use crate::config::{Config, Delivery, OnError};
 use crate::decode::{self, RecordError};
-use crate::exactly_once::{self, StateStore};
+use crate::exactly_once::{self, RangeStore, StateStore};
 use crate::kafka::context::{BridgeContext, Consumer};
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::offsets::Ownership;
@@ -200,7 +204,10 @@ pub async fn run(
 
     let (events_tx, events_rx) = std_mpsc::channel();
     let dead_letters = if config.uses_dead_letters() {
-        let dl = DeadLetters::new(&config.kafka, events_tx.clone()).map_err(|e| {
+        // Dead letters not yet acknowledged count in their table's budget;
+        // the producer's own queue is bounded as well.
+        let queue = (config.max_buffered_bytes.as_u64() / 4).max(1 << 20);
+        let dl = DeadLetters::new(&config.kafka, events_tx.clone(), queue).map_err(|e| {
             PipelineError::Config(format!(
                 "cannot create the dead-letter producer: {}",
                 crate::kafka::describe_client_error(&e)
@@ -211,6 +218,7 @@ pub async fn run(
         None
     };
     let ownership = Arc::new(Ownership::default());
+    let store: Option<Arc<dyn RangeStore>> = state.map(|s| Arc::new(s) as Arc<dyn RangeStore>);
     let topic_names: Vec<String> = config.topics();
     let topic_list = Arc::new(topic_names.clone());
     let sinks_cancel = CancellationToken::new();
@@ -233,6 +241,7 @@ pub async fn run(
                 table: s.table.clone(),
                 history: history.clone(),
                 sql_version: 0,
+                timeout: config.clickhouse.insert_timeout,
             }),
             writer: writer.clone(),
             table_name: s.to_string(),
@@ -243,7 +252,7 @@ pub async fn run(
             topics: topic_list.clone(),
             policies,
             dead_letters: dead_letters.clone(),
-            state: state.clone(),
+            state: store.clone(),
             group: config.kafka.group_id.clone(),
             ownership: ownership.clone(),
         };
@@ -259,7 +268,6 @@ pub async fn run(
         tables.push(TableState::new(s.to_string(), tx).with_schema_feed(feed, history));
         tracing::info!(table = %s, columns = s.insert_columns().count(), "target table ready");
     }
-    drop(events_tx);
 
     let registry = registry(&config)?;
     let routes = config
@@ -294,13 +302,19 @@ pub async fn run(
         reloads: Some(core_reloads),
         ownership,
         dead_letters: dead_letters.clone(),
-        exactly_once: state.map(|state| ExactlyOnce {
+        exactly_once: store.map(|state| ExactlyOnce {
             state,
             runtime: tokio::runtime::Handle::current(),
             retry: config.retry.clone(),
-            stop: shutdown.clone(),
             health: health.clone(),
         }),
+        clickhouse: Some(ClickHouseAccess {
+            client: client.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            events: events_tx.clone(),
+            timeout: config.clickhouse.insert_timeout,
+        }),
+        stop: shutdown.clone(),
     };
     let mut core = Core::new(
         Limits::from_config(&config),
@@ -313,11 +327,16 @@ pub async fn run(
     );
     core.set_registry(registry);
     if config.routes.iter().any(|r| r.auto_add_columns) {
-        core.set_auto_add(client.clone(), tokio::runtime::Handle::current());
+        core.set_auto_add();
     }
 
     let consumer: Consumer = crate::kafka::client_config(&config.kafka)
-        .create_with_context(BridgeContext::new(core, metrics.clone(), health.clone()))
+        .create_with_context(BridgeContext::new(
+            core,
+            metrics.clone(),
+            health.clone(),
+            events_tx,
+        ))
         .map_err(|e| {
             PipelineError::Config(format!(
                 "cannot create the Kafka consumer: {}",
@@ -511,8 +530,11 @@ fn consumer_loop(
             None => last_service = None,
             Some(Ok(msg)) => {
                 let rec = Record::of(&msg);
-                if !ctx.core().on_record(&rec) {
-                    break;
+                match ctx.core().on_record(&rec) {
+                    Flow::Go => {}
+                    // A table reached its share of the budget: pause now.
+                    Flow::Service => last_service = None,
+                    Flow::Stop => break,
                 }
                 // Until the next service, poll without blocking: an empty poll
                 // means idle, and idle runs the service at once.
@@ -522,10 +544,14 @@ fn consumer_loop(
             | Some(Err(KafkaError::Global(code)))
                 if code == RDKafkaErrorCode::Fatal =>
             {
-                let e = PipelineError::Kafka(format!("fatal consumer error: {code}"));
+                // The consumer is unusable (a fenced static member, for
+                // one): its partitions are another member's. Inserting or
+                // committing what it holds would race their new owner.
+                let e = PipelineError::Kafka(format!(
+                    "fatal consumer error: {code}; nothing more was inserted or committed"
+                ));
                 tracing::error!(error = %e, "stopping");
-                let mut core = ctx.core();
-                core.shutdown(&consumer);
+                ctx.core().abandon();
                 return Err(e);
             }
             Some(Err(e)) => {

@@ -190,6 +190,35 @@ impl fmt::Display for TableSchema {
     }
 }
 
+/// Why `name` cannot be a column of a table, if it cannot: ClickHouse
+/// refuses an empty name, and one with control characters could not be
+/// written in the insert's column list.
+pub fn column_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("an empty name".into());
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Some(format!("it holds the control character {:?}", c));
+    }
+    None
+}
+
+/// `ALTER TABLE ... ADD COLUMN IF NOT EXISTS ...` for `columns` (name,
+/// type): identifiers quoted, to be sent verbatim (`Client::query_raw`: a
+/// `?` in a name is no bind placeholder).
+pub fn add_columns_sql(table: &TableSchema, columns: &[(String, String)]) -> String {
+    let clauses: Vec<String> = columns
+        .iter()
+        .map(|(name, ty)| format!("ADD COLUMN IF NOT EXISTS {} {ty}", quote_ident(name)))
+        .collect();
+    format!(
+        "ALTER TABLE {}.{} {}",
+        quote_ident(&table.database),
+        quote_ident(&table.table),
+        clauses.join(", ")
+    )
+}
+
 /// Quotes an identifier with backticks, escaping backticks and backslashes.
 pub fn quote_ident(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 2);

@@ -7,20 +7,31 @@ use std::fmt;
 pub enum ErrorClass {
     /// The server is down, overloaded or slow: send the same bytes again later.
     Transient,
-    /// ClickHouse refused the data itself: sending it again cannot help.
+    /// ClickHouse refused the data itself: sending it again cannot help,
+    /// splitting it finds the rows it refuses.
     Data,
+    /// The batch as a whole is over a server limit (partitions per insert
+    /// block, memory or time per query): smaller parts of it may pass, so it
+    /// is split; no row is refused for it.
+    Split,
     /// The configuration or the table is wrong (no table, no permission,
     /// bad password): stop and tell the operator.
     Fatal,
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 3] = [ErrorClass::Transient, ErrorClass::Data, ErrorClass::Fatal];
+    pub const ALL: [ErrorClass; 4] = [
+        ErrorClass::Transient,
+        ErrorClass::Data,
+        ErrorClass::Split,
+        ErrorClass::Fatal,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::Transient => "transient",
             ErrorClass::Data => "data",
+            ErrorClass::Split => "split",
             ErrorClass::Fatal => "fatal",
         }
     }
@@ -43,11 +54,46 @@ impl fmt::Display for InsertError {
 
 impl std::error::Error for InsertError {}
 
+/// How many times the same bytes may fail with a transient-looking error
+/// that can also be the batch's own doing before it is taken as the
+/// batch's: a query timeout or memory limit that a smaller insert would not
+/// hit, or a code chbridge does not know. A retry loop never spins silently
+/// on the same bytes.
+pub const TIMEOUT_REPEATS: u32 = 3;
+pub const UNKNOWN_CODE_REPEATS: u32 = 5;
+
+impl InsertError {
+    /// For a transient error that may be the batch's own doing: after how
+    /// many failures of the same bytes with this code it is taken as such,
+    /// and what it becomes then.
+    pub fn repeats(&self) -> Option<(u32, ErrorClass)> {
+        if self.class != ErrorClass::Transient {
+            return None;
+        }
+        match self.code? {
+            159 | 241 => Some((TIMEOUT_REPEATS, ErrorClass::Split)),
+            code if code_name(code).is_none() => Some((UNKNOWN_CODE_REPEATS, ErrorClass::Fatal)),
+            _ => None,
+        }
+    }
+
+    /// Whether the same rows are always refused the same way (partitions per
+    /// insert block), so that a replay splits exactly as the first attempt.
+    pub fn splits_alike(&self) -> bool {
+        self.class == ErrorClass::Split && self.code == Some(252)
+    }
+
+    /// The code as a metric label ("none" without an answer from the server).
+    pub fn code_label(&self) -> String {
+        self.code
+            .map_or_else(|| "none".to_string(), |c| c.to_string())
+    }
+}
+
 /// ClickHouse exception codes whose cause passes by itself.
 const TRANSIENT_CODES: &[(u32, &str)] = &[
     (3, "UNEXPECTED_END_OF_FILE"),
     (159, "TIMEOUT_EXCEEDED"),
-    (164, "READONLY"),
     (202, "TOO_MANY_SIMULTANEOUS_QUERIES"),
     (209, "SOCKET_TIMEOUT"),
     (210, "NETWORK_ERROR"),
@@ -93,17 +139,21 @@ const FATAL_CODES: &[(u32, &str)] = &[
     (60, "UNKNOWN_TABLE"),
     (62, "SYNTAX_ERROR"),
     (81, "UNKNOWN_DATABASE"),
+    (115, "UNKNOWN_SETTING"),
+    (164, "READONLY"),
     (192, "UNKNOWN_USER"),
     (193, "WRONG_PASSWORD"),
     (194, "REQUIRED_PASSWORD"),
     (195, "IP_ADDRESS_NOT_ALLOWED"),
     (497, "ACCESS_DENIED"),
+    (452, "SETTING_CONSTRAINT_VIOLATION"),
     (516, "AUTHENTICATION_FAILED"),
 ];
 
-/// Classifies a ClickHouse exception code. Unknown codes are retried: a wrong
-/// retry shows in `chbridge_insert_retries_total` and its alert, while a wrong
-/// stop would halt ingestion for something that may pass.
+/// Classifies a ClickHouse exception code. Unknown codes are retried, a
+/// few times (`InsertError::repeats`): a wrong retry shows in
+/// `chbridge_insert_retries_total` and its alert, while a wrong stop would
+/// halt ingestion for something that may pass.
 pub fn classify_code(code: u32) -> ErrorClass {
     if DATA_CODES.iter().any(|(c, _)| *c == code) {
         ErrorClass::Data
@@ -133,6 +183,25 @@ pub fn parse_code(message: &str) -> Option<u32> {
     rest[..end].parse().ok()
 }
 
+/// Classifies a ClickHouse error by its code and, where one code means
+/// several things, its message.
+fn classify_answer(code: u32, body: &str) -> ErrorClass {
+    // ClickHouse writes the table before pushing to its views: when a view
+    // fails, the rows may be in the table already. Splitting the batch would
+    // insert them again; only an operator can fix the view.
+    if body.contains("while pushing to view") {
+        return ErrorClass::Fatal;
+    }
+    match code {
+        // TOO_MANY_PARTS is also "too many partitions for a single INSERT
+        // block": the same bytes always fail, fewer rows at a time pass.
+        252 if body.contains("partitions for single INSERT block") => ErrorClass::Split,
+        // A query's own memory limit: the batch's size, not the server's load.
+        241 if body.contains("(for query)") => ErrorClass::Split,
+        _ => classify_code(code),
+    }
+}
+
 /// Classifies an error of the `clickhouse` crate.
 pub fn classify(err: &clickhouse::error::Error) -> InsertError {
     use clickhouse::error::Error as E;
@@ -140,13 +209,25 @@ pub fn classify(err: &clickhouse::error::Error) -> InsertError {
     let (class, code) = match err {
         E::BadResponse(body) => match parse_code(body) {
             Some(code) if code_name(code).is_none() => {
-                // Retried rather than stopped or dead-lettered: a wrong retry
-                // shows in the retry metric, a wrong stop halts ingestion.
-                message
-                    .push_str(" (an error code chbridge does not classify: retried as transient)");
-                (ErrorClass::Transient, Some(code))
+                // Retried a few times rather than stopped or dead-lettered: a
+                // wrong retry shows in the retry metric, a wrong stop halts
+                // ingestion (InsertError::repeats bounds the retries).
+                message.push_str(&format!(
+                    " (an error code chbridge does not classify: retried up to \
+                     {UNKNOWN_CODE_REPEATS} times, then chbridge stops)"
+                ));
+                (classify_answer(code, body), Some(code))
             }
-            Some(code) => (classify_code(code), Some(code)),
+            Some(code) => {
+                let class = classify_answer(code, body);
+                if class == ErrorClass::Fatal && body.contains("while pushing to view") {
+                    message.push_str(
+                        " (a materialized view failed: ClickHouse wrote the rows to the table \
+                         before the view, so they may be there already; fix the view)",
+                    );
+                }
+                (class, Some(code))
+            }
             // An error page without a ClickHouse code: a proxy or load balancer.
             None if body.contains("401") || body.contains("403") => (ErrorClass::Fatal, None),
             None => (ErrorClass::Transient, None),
@@ -177,13 +258,13 @@ mod tests {
 
     #[test]
     fn overload_is_transient_bad_data_is_data_and_auth_is_fatal() {
-        for c in [241, 202, 252, 209, 210, 159, 12345] {
+        for c in [241, 202, 252, 209, 210, 159, 242, 12345] {
             assert_eq!(classify_code(c), ErrorClass::Transient, "code {c}");
         }
         for c in [27, 53, 117, 6, 33] {
             assert_eq!(classify_code(c), ErrorClass::Data, "code {c}");
         }
-        for c in [60, 81, 516, 497, 16] {
+        for c in [60, 81, 516, 497, 16, 164, 452, 115] {
             assert_eq!(classify_code(c), ErrorClass::Fatal, "code {c}");
         }
         assert_eq!(code_name(241), Some("MEMORY_LIMIT_EXCEEDED"));
@@ -200,12 +281,72 @@ mod tests {
             "Code: 12345. DB::Exception: something new".into(),
         ));
         assert_eq!((c.class, c.code), (ErrorClass::Transient, Some(12345)));
-        assert!(c.message.contains("retried as transient"), "{}", c.message);
+        assert!(c.message.contains("retried up to 5 times"), "{}", c.message);
+        assert_eq!(c.repeats(), Some((UNKNOWN_CODE_REPEATS, ErrorClass::Fatal)));
         let c = classify(&clickhouse::error::Error::TimedOut);
         assert_eq!(c.class, ErrorClass::Transient);
+        assert_eq!(
+            c.repeats(),
+            None,
+            "no answer at all: retried for as long as it takes"
+        );
         let c = classify(&clickhouse::error::Error::BadResponse(
             "502 Bad Gateway".into(),
         ));
         assert_eq!(c.class, ErrorClass::Transient);
+    }
+
+    /// One code, several meanings: the message decides (item 7 of the
+    /// delivery review: these were retried forever with the same bytes).
+    #[test]
+    fn errors_that_repeat_with_the_same_bytes_are_told_apart_by_their_message() {
+        let answer = |body: &str| classify(&clickhouse::error::Error::BadResponse(body.into()));
+        let too_many_parts = answer(
+            "Code: 252. DB::Exception: Too many parts (300 with average size of 1.00 KiB) in table \
+             'db.t'. Merges are processing significantly slower than inserts. (TOO_MANY_PARTS)",
+        );
+        assert_eq!(too_many_parts.class, ErrorClass::Transient);
+        let partitions = answer(
+            "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than \
+             100). The limit is controlled by 'max_partitions_per_insert_block' setting. (TOO_MANY_PARTS)",
+        );
+        assert_eq!(partitions.class, ErrorClass::Split);
+        let query_memory = answer(
+            "Code: 241. DB::Exception: Memory limit (for query) exceeded: would use 9.31 GiB. (MEMORY_LIMIT_EXCEEDED)",
+        );
+        assert_eq!(query_memory.class, ErrorClass::Split);
+        let total_memory = answer(
+            "Code: 241. DB::Exception: Memory limit (total) exceeded: would use 30.1 GiB. (MEMORY_LIMIT_EXCEEDED)",
+        );
+        assert_eq!(total_memory.class, ErrorClass::Transient);
+        assert_eq!(
+            total_memory.repeats(),
+            Some((TIMEOUT_REPEATS, ErrorClass::Split))
+        );
+        let timeout = answer(
+            "Code: 159. DB::Exception: Timeout exceeded: elapsed 5.1 seconds. (TIMEOUT_EXCEEDED)",
+        );
+        assert_eq!(
+            timeout.repeats(),
+            Some((TIMEOUT_REPEATS, ErrorClass::Split))
+        );
+        let view = answer(
+            "Code: 395. DB::Exception: broken view: while executing 'FUNCTION throwIf()': while \
+             pushing to view db.mv. (FUNCTION_THROW_IF_VALUE_IS_NON_ZERO)",
+        );
+        assert_eq!(
+            view.class,
+            ErrorClass::Fatal,
+            "not bisected: the rows are in the table"
+        );
+        assert!(view.message.contains("fix the view"), "{}", view.message);
+        for (code, name) in [
+            (164, "READONLY"),
+            (452, "SETTING_CONSTRAINT_VIOLATION"),
+            (115, "UNKNOWN_SETTING"),
+        ] {
+            let e = answer(&format!("Code: {code}. DB::Exception: x. ({name})"));
+            assert_eq!(e.class, ErrorClass::Fatal, "{code}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClickHouseConfig, RetryConfig};
-use crate::exactly_once::{BatchRange, StateStore};
+use crate::exactly_once::{BatchRange, RangeStore};
 use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{Ownership, PartitionKey, Segment};
 use crate::kafka::Record;
@@ -35,8 +35,13 @@ pub struct ReadyBatch {
     pub oldest_timestamp_ms: Option<i64>,
     /// Exactly-once: the offset range of the one partition the batch covers.
     pub range: Option<BatchRange>,
+    /// Exactly-once: the range replays one a previous attempt recorded.
+    pub replay: bool,
     /// The table schema version the rows were encoded for.
     pub schema_version: u64,
+    /// What the batch counts for in the memory budget (body and per-row
+    /// origins, as they were added): given back when it is answered for.
+    pub accounted: usize,
 }
 
 /// Where a row's encoding ends in its batch's body, and its record.
@@ -47,6 +52,9 @@ pub struct RowOrigin {
     pub offset: i64,
 }
 
+/// What each row costs in memory besides its bytes, in the budget.
+pub const ROW_ORIGIN_BYTES: usize = std::mem::size_of::<RowOrigin>();
+
 impl ReadyBatch {
     /// The bytes of rows `lo..hi`.
     fn body_of(&self, lo: usize, hi: usize) -> Bytes {
@@ -56,7 +64,7 @@ impl ReadyBatch {
     }
 }
 
-/// What a sink task reports back.
+/// What a sink task (or a task the pipeline started) reports back.
 #[derive(Debug)]
 pub enum SinkEvent {
     /// Every row is in ClickHouse, except `rejected` ones that ClickHouse
@@ -67,15 +75,31 @@ pub enum SinkEvent {
         batch: ReadyBatch,
         error: InsertError,
     },
-    /// Exactly-once: the batch's partition was revoked before its insert
-    /// began; the new owner reads its records again.
+    /// The batch's partitions were revoked (or lost) before its insert was
+    /// done; their new owner reads their records again.
     Dropped(ReadyBatch),
+    /// The table's columns changed since the rows were encoded: nothing was
+    /// inserted, and the records are decoded again for the new columns.
+    /// `recorded`: exactly-once, the range was written to the state table
+    /// before the change was seen, so it is replayed as recorded.
+    Stale { batch: ReadyBatch, recorded: bool },
     /// A dead letter sent by the consumer thread was acknowledged (or not).
+    /// `bytes`: what it counted for in its table's memory budget.
     DeadLettered {
         segment: Segment,
         table: usize,
+        bytes: usize,
         error: Option<String>,
     },
+    /// A check of table `table`'s columns that the pipeline asked for is
+    /// done (the new columns, if any, are in the table's schema history).
+    SchemaChecked {
+        table: usize,
+        result: Result<(), String>,
+    },
+    /// Commits the broker refused (from librdkafka's commit callback): their
+    /// positions must be committed again even if they do not move.
+    CommitFailed(Vec<(String, i32)>),
 }
 
 /// Sends one encoded batch to ClickHouse. A trait because the retry loop is
@@ -216,7 +240,7 @@ pub struct TableSink<W> {
     pub policies: tokio::sync::watch::Receiver<RowPolicies>,
     pub dead_letters: Option<Arc<DeadLetters>>,
     /// Exactly-once: where batch ranges are recorded, and the group for tokens.
-    pub state: Option<StateStore>,
+    pub state: Option<Arc<dyn RangeStore>>,
     pub group: String,
     pub ownership: Arc<Ownership>,
     /// Follows the table's columns (schema drift); None in unit tests.
@@ -224,8 +248,8 @@ pub struct TableSink<W> {
 }
 
 /// A sink's view of its table's columns: checked before every batch's
-/// insert, so that rows encoded for columns that changed since are
-/// re-encoded (schema/drift.rs) instead of being misread.
+/// insert, so that rows encoded for columns that changed since are decoded
+/// again (`SinkEvent::Stale`) instead of being misread.
 pub struct SchemaWatch {
     pub client: clickhouse::Client,
     pub database: String,
@@ -233,6 +257,8 @@ pub struct SchemaWatch {
     pub history: Arc<crate::schema::drift::History>,
     /// The version the sink's INSERT statement names the columns of.
     pub sql_version: u64,
+    /// Bounds each read of the columns (the inserts' timeout).
+    pub timeout: Duration,
 }
 
 impl SchemaWatch {
@@ -244,90 +270,64 @@ impl SchemaWatch {
     /// to read is not an error here: the insert that follows meets the same
     /// outage and retries.
     async fn refresh(&mut self) {
-        let now = match crate::schema::load_table(&self.client, &self.database, &self.table).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(table = %format!("{}.{}", self.database, self.table), error = %e, "could not check the table's columns");
+        let table = format!("{}.{}", self.database, self.table);
+        let read = crate::schema::load_table(&self.client, &self.database, &self.table);
+        let now = match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(table, error = %e, "could not check the table's columns");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    table,
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    "checking the table's columns timed out"
+                );
                 return;
             }
         };
         if let Some(v) = self.history.observe(now) {
-            let problems = v.schema.problems();
-            tracing::warn!(
-                table = %v.schema,
-                version = v.version,
-                columns = %v.schema.insert_columns().map(|c| format!("{} {}", c.name, c.type_text)).collect::<Vec<_>>().join(", "),
-                problems = %problems.join("; "),
-                "the table's columns changed: pending rows are re-encoded, new records decoded for the new columns"
-            );
+            announce(&v);
         }
     }
+}
 
-    /// Brings `batch` to the current version. An error names the record whose
-    /// pending value cannot be carried over.
-    fn upgrade(&self, batch: &mut ReadyBatch, topics: &[String]) -> Result<(), InsertError> {
-        let current = self.current();
-        if batch.schema_version == current.version {
-            return Ok(());
-        }
-        let Some(old) = self.history.get(batch.schema_version) else {
-            return Err(InsertError {
-                message: format!(
-                    "internal: no schema version {} of {}",
-                    batch.schema_version, current.schema
-                ),
-                class: ErrorClass::Fatal,
-                code: None,
-            });
-        };
-        let (t, renames) = crate::schema::drift::Transcoder::new(&old.schema, &current.schema);
-        let ends: Vec<usize> = batch.rows.iter().map(|r| r.end).collect();
-        match t.transcode(&batch.body, &ends) {
-            Ok((body, ends)) => {
-                for (row, end) in batch.rows.iter_mut().zip(ends) {
-                    row.end = end;
-                }
-                batch.body = Bytes::from(body);
-                batch.schema_version = current.version;
-                tracing::info!(
-                    table = %current.schema,
-                    rows = batch.rows.len(),
-                    from = old.version,
-                    to = current.version,
-                    renamed = ?renames,
-                    "re-encoded a pending batch for the table's new columns"
-                );
-                Ok(())
-            }
-            Err((row, why)) => {
-                let origin = batch.rows.get(row).map(|r| {
-                    format!(
-                        "{}[{}] at offset {}",
-                        topics.get(r.key.topic as usize).map_or("?", String::as_str),
-                        r.key.partition,
-                        r.offset
-                    )
-                });
-                Err(InsertError {
-                    message: format!(
-                        "table {} changed while record {} waited to be inserted: {why}; \
-                         nothing at or after it was committed, and after a restart it is \
-                         decoded for the new columns (and handled by the route's on_error)",
-                        current.schema,
-                        origin.unwrap_or_default()
-                    ),
-                    class: ErrorClass::Fatal,
-                    code: None,
-                })
-            }
-        }
-    }
+/// Logs a new version of a table's columns (whoever saw it first).
+pub fn announce(v: &crate::schema::drift::Versioned) {
+    let problems = v.schema.problems();
+    tracing::warn!(
+        table = %v.schema,
+        version = v.version,
+        columns = %v.schema.insert_columns().map(|c| format!("{} {}", c.name, c.type_text)).collect::<Vec<_>>().join(", "),
+        problems = %problems.join("; "),
+        "the table's columns changed: rows not yet inserted are decoded again from their records for the new columns"
+    );
 }
 
 /// A row ClickHouse refused on its own.
 struct Rejected {
     row: usize,
     error: InsertError,
+}
+
+/// How one batch's delivery ended, short of an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivered {
+    /// In ClickHouse, but for this many rows refused and handled by policy.
+    Inserted(usize),
+    /// Its partitions are no longer this process's: not (fully) inserted.
+    Fenced,
+    /// Encoded for columns the table no longer has as they were.
+    Stale { recorded: bool },
+}
+
+/// How one insert (with its retries) ended, short of an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    Acknowledged,
+    /// The batch's partitions were given away between two attempts.
+    Fenced,
 }
 
 impl<W: Writer> TableSink<W> {
@@ -339,17 +339,20 @@ impl<W: Writer> TableSink<W> {
         events: std_mpsc::Sender<SinkEvent>,
         cancel: CancellationToken,
     ) {
-        while let Some(mut batch) = tokio::select! {
+        while let Some(batch) = tokio::select! {
             b = batches.recv() => b,
             _ = cancel.cancelled() => None,
         } {
             let outcome = tokio::select! {
-                r = self.follow_and_deliver(&mut batch) => r,
+                r = self.follow_and_deliver(&batch) => r,
                 _ = cancel.cancelled() => return,
             };
             let (event, failed) = match outcome {
-                Ok(Some(rejected)) => (SinkEvent::Inserted { batch, rejected }, false),
-                Ok(None) => (SinkEvent::Dropped(batch), false),
+                Ok(Delivered::Inserted(rejected)) => {
+                    (SinkEvent::Inserted { batch, rejected }, false)
+                }
+                Ok(Delivered::Fenced) => (SinkEvent::Dropped(batch), false),
+                Ok(Delivered::Stale { recorded }) => (SinkEvent::Stale { batch, recorded }, false),
                 Err(error) => (SinkEvent::Failed { batch, error }, true),
             };
             // After a failure nothing more is inserted: the commit cannot
@@ -361,104 +364,120 @@ impl<W: Writer> TableSink<W> {
         }
     }
 
-    /// Checks the table's columns, re-encodes the batch if they changed, and
-    /// delivers it. A refusal that a change made between the check and the
-    /// insert could explain is checked once more.
-    async fn follow_and_deliver(
-        &mut self,
-        batch: &mut ReadyBatch,
-    ) -> Result<Option<usize>, InsertError> {
-        if self.schema.is_none() {
+    /// Checks the table's columns and delivers the batch, unless it was
+    /// encoded for columns that changed since. A refusal that a change made
+    /// between the check and the insert could explain is checked once more.
+    async fn follow_and_deliver(&mut self, batch: &ReadyBatch) -> Result<Delivered, InsertError> {
+        let Some(w) = self.schema.as_mut() else {
             return self.deliver(batch).await;
+        };
+        w.refresh().await;
+        let current = w.current();
+        if current.version != batch.schema_version {
+            return Ok(Delivered::Stale { recorded: false });
         }
-        let mut checked_again = false;
-        loop {
-            if let Some(w) = self.schema.as_mut() {
-                w.refresh().await;
-                w.upgrade(batch, &self.topics)?;
-                let current = w.current();
-                if current.version != w.sql_version {
-                    self.sql = current.schema.insert_sql();
-                    w.sql_version = current.version;
-                }
-            }
-            match self.deliver(batch).await {
-                Err(e) if !checked_again && e.class != ErrorClass::Transient => {
-                    let before = self.schema.as_ref().map(|w| w.current().version);
-                    if let Some(w) = self.schema.as_mut() {
-                        w.refresh().await;
+        if current.version != w.sql_version {
+            self.sql = current.schema.insert_sql();
+            w.sql_version = current.version;
+        }
+        match self.deliver(batch).await {
+            Err(e) if e.class != ErrorClass::Transient => {
+                if let Some(w) = self.schema.as_mut() {
+                    w.refresh().await;
+                    if w.current().version != batch.schema_version {
+                        tracing::info!(table = %self.table_name, error = %e,
+                            "an insert refused after the table's columns changed: decoding its records again");
+                        return Ok(Delivered::Stale {
+                            recorded: batch.range.is_some(),
+                        });
                     }
-                    if self.schema.as_ref().map(|w| w.current().version) == before
-                        && before == Some(batch.schema_version)
-                    {
-                        return Err(e);
-                    }
-                    checked_again = true;
                 }
-                other => return other,
+                Err(e)
             }
+            other => other,
         }
     }
 
-    /// Whether this process still owns the partition of an exactly-once batch.
+    /// Whether this process still owns what the batch holds: with
+    /// exactly-once, its one partition at the assignment it was read under;
+    /// otherwise at least one of its partitions (a batch of partitions that
+    /// were all revoked or lost is inserted by their new owner).
     fn owned(&self, batch: &ReadyBatch) -> bool {
-        batch.range.is_none() || batch.segments.iter().all(|s| self.ownership.owns(s))
+        if batch.range.is_some() {
+            batch.segments.iter().all(|s| self.ownership.owns(s))
+        } else {
+            batch.segments.is_empty() || batch.segments.iter().any(|s| self.ownership.owns(s))
+        }
     }
 
-    /// Inserts one batch; returns how many rows ClickHouse refused (and the
-    /// policy handled), or None when the batch was dropped unsent.
-    async fn deliver(&self, batch: &ReadyBatch) -> Result<Option<usize>, InsertError> {
+    /// Inserts one batch. The ownership fence is checked before every
+    /// attempt (range write, insert, retry, each part of a split batch):
+    /// after a revocation the new owner reads the same records again, and
+    /// with exactly-once both inserting would race on the same range.
+    async fn deliver(&self, batch: &ReadyBatch) -> Result<Delivered, InsertError> {
+        let owned = || self.owned(batch);
+        if !owned() {
+            return Ok(Delivered::Fenced);
+        }
         let token = match &batch.range {
             None => None,
             Some(range) => {
-                // Fenced: after a revocation the new owner replays this
-                // range; inserting it here as well could race its intent.
-                if !self.owned(batch) {
-                    return Ok(None);
-                }
-                self.record_range(range).await?;
-                if !self.owned(batch) {
-                    return Ok(None);
+                if self.record_range(range, &owned).await? == Sent::Fenced {
+                    return Ok(Delivered::Fenced);
                 }
                 Some(range.token(&self.group))
             }
         };
         let n = batch.rows.len();
         match self
-            .insert_with_retry(batch.body.clone(), n, token.as_deref())
+            .insert_with_retry(batch.body.clone(), n, token.as_deref(), &owned)
             .await
         {
-            Ok(()) => {
+            Ok(Sent::Acknowledged) => {
                 self.count_inserted(batch, n);
-                Ok(Some(0))
+                Ok(Delivered::Inserted(0))
             }
-            Err(e) if e.class == ErrorClass::Data => {
+            Ok(Sent::Fenced) => Ok(Delivered::Fenced),
+            Err(e) if matches!(e.class, ErrorClass::Data | ErrorClass::Split) => {
                 // One copy for the whole batch: a reload (SIGHUP) must not
                 // change the rules between isolating rows and handling them.
                 let policies = self.policies.borrow().clone();
-                if !may_isolate(&policies, batch) {
+                if e.class == ErrorClass::Data && !may_isolate(&policies, batch) {
                     return Err(e);
                 }
-                let rejected = self.isolate(batch, &policies, token.as_deref(), e).await?;
+                let Some(rejected) = self
+                    .isolate(batch, &policies, token.as_deref(), e, &owned)
+                    .await?
+                else {
+                    return Ok(Delivered::Fenced);
+                };
                 self.count_inserted(batch, n - rejected.len());
                 self.handle_rejected(batch, &policies, &rejected).await?;
-                Ok(Some(rejected.len()))
+                Ok(Delivered::Inserted(rejected.len()))
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Exactly-once step 1: the range is in the state table before the insert.
-    async fn record_range(&self, range: &BatchRange) -> Result<(), InsertError> {
+    /// Exactly-once step 1: the range is in the state table before the
+    /// insert. Retried like an insert, and fenced before every attempt.
+    async fn record_range(
+        &self,
+        range: &BatchRange,
+        owned: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Sent, InsertError> {
         let Some(state) = &self.state else {
-            return Ok(());
+            return Ok(Sent::Acknowledged);
         };
         let mut attempt = 0u32;
         loop {
+            if !owned() {
+                return Ok(Sent::Fenced);
+            }
             match state.record(std::slice::from_ref(range)).await {
                 Ok(()) => {
                     self.metrics.state_writes.with_label_values(&["ok"]).inc();
-                    return Ok(());
+                    return Ok(Sent::Acknowledged);
                 }
                 Err(e) => {
                     self.metrics
@@ -489,7 +508,8 @@ impl<W: Writer> TableSink<W> {
                             ..e
                         });
                     }
-                    tracing::warn!(table = %self.table_name, attempt, error = %e, "recording a batch range failed, will retry");
+                    tracing::warn!(table = %self.table_name, attempt, code = %e.code_label(), error = %e,
+                        "recording a batch range failed, will retry");
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -498,16 +518,19 @@ impl<W: Writer> TableSink<W> {
 
     /// Splits a refused batch until the rows ClickHouse refuses on their own
     /// are found; every other row is inserted. ClickHouse's "at row N" points
-    /// at a culprit directly; otherwise the range is halved. With exactly-once
-    /// each part carries a token derived from the batch's and the part's rows,
-    /// so a replay after a crash splits and deduplicates the same way.
+    /// at a culprit directly; otherwise the range is halved. A batch over a
+    /// server limit (`ErrorClass::Split`) is halved until its parts pass.
+    /// With exactly-once each part carries a token derived from the batch's
+    /// and the part's rows, so a replay after a crash splits and deduplicates
+    /// the same way. None when the batch was fenced on the way.
     async fn isolate(
         &self,
         batch: &ReadyBatch,
         policies: &RowPolicies,
         token: Option<&str>,
         first: InsertError,
-    ) -> Result<Vec<Rejected>, InsertError> {
+        owned: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<Vec<Rejected>>, InsertError> {
         let n = batch.rows.len();
         let limit = ((n as f64 * policies.max_rejected_ratio).ceil() as usize).max(10);
         let mut rejected = Vec::new();
@@ -522,17 +545,36 @@ impl<W: Writer> TableSink<W> {
                         .inc();
                     let part_token = token.map(|t| format!("{t}/{lo}-{hi}"));
                     match self
-                        .insert_with_retry(batch.body_of(lo, hi), hi - lo, part_token.as_deref())
+                        .insert_with_retry(
+                            batch.body_of(lo, hi),
+                            hi - lo,
+                            part_token.as_deref(),
+                            owned,
+                        )
                         .await
                     {
-                        Ok(()) => continue,
-                        Err(e) if e.class == ErrorClass::Data => e,
+                        Ok(Sent::Acknowledged) => continue,
+                        Ok(Sent::Fenced) => return Ok(None),
+                        Err(e) if matches!(e.class, ErrorClass::Data | ErrorClass::Split) => e,
                         Err(e) => return Err(e),
                     }
                 }
             };
             if hi - lo == 1 {
                 let row = batch.rows[lo];
+                if err.class == ErrorClass::Split {
+                    return Err(InsertError {
+                        message: format!(
+                            "the record at {}[{}] offset {} alone is over a ClickHouse limit: {}",
+                            self.topic_name(row.key.topic),
+                            row.key.partition,
+                            row.offset,
+                            err.message
+                        ),
+                        class: ErrorClass::Fatal,
+                        ..err
+                    });
+                }
                 if matches!(policies.of(row.key.topic), Some(RowPolicy::Stop) | None) {
                     return Err(InsertError {
                         message: format!(
@@ -565,7 +607,11 @@ impl<W: Writer> TableSink<W> {
                 }
                 continue;
             }
-            match row_hint(&err.message).filter(|&h| h < hi - lo) {
+            let hint = (err.class == ErrorClass::Data)
+                .then(|| row_hint(&err.message))
+                .flatten()
+                .filter(|&h| h < hi - lo);
+            match hint {
                 // Popped in order: the rows before the culprit, the culprit, the rest.
                 Some(h) => {
                     work.push((lo + h + 1, hi, None));
@@ -583,7 +629,24 @@ impl<W: Writer> TableSink<W> {
             // Empty ranges (a culprit at the very end) are simply skipped.
             work.retain(|(a, b, _)| a < b);
         }
-        Ok(rejected)
+        // Every row refused one by one is the table's problem (a view, a
+        // constraint no row meets, a column every row misses), not bad rows:
+        // dead-lettering them all would empty the topic into the dead letters.
+        if n >= 2 && rejected.len() == n {
+            let last = rejected.pop().map(|r| r.error);
+            return Err(InsertError {
+                message: format!(
+                    "ClickHouse refused every one of the {n} rows of a batch, each on its own: \
+                     the table refuses them, not bad records (a materialized view, a \
+                     constraint or a column every row fails); fix the table and start \
+                     chbridge again. The last refusal: {}",
+                    last.as_ref().map_or("", |e| e.message.as_str())
+                ),
+                class: ErrorClass::Data,
+                code: last.and_then(|e| e.code),
+            });
+        }
+        Ok(Some(rejected))
     }
 
     fn topic_name(&self, topic: u32) -> &str {
@@ -592,7 +655,6 @@ impl<W: Writer> TableSink<W> {
             .map(String::as_str)
             .unwrap_or("?")
     }
-
     /// Dead-letters or counts the refused rows; returns once the broker has
     /// every dead letter, so the batch's offsets can be released.
     async fn handle_rejected(
@@ -721,15 +783,33 @@ impl<W: Writer> TableSink<W> {
         m.last_insert.with_label_values(&[table]).set(now);
     }
 
+    /// Sends the same bytes until ClickHouse acknowledges them, an error
+    /// says retrying cannot help, or the batch's partitions are given away
+    /// (checked before every attempt). An error that may be the batch's own
+    /// doing (a query's time or memory limit, an unknown code) is retried a
+    /// bounded number of times, then taken as such (`InsertError::repeats`).
+    /// Every retry is logged and counted with the table, code and attempt.
     async fn insert_with_retry(
         &self,
         body: Bytes,
         rows: usize,
         token: Option<&str>,
-    ) -> Result<(), InsertError> {
+        owned: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Sent, InsertError> {
         let table = self.table_name.as_str();
         let mut attempt = 0u32;
+        // Consecutive failures with the same code.
+        let mut same = (None, 0u32);
         loop {
+            if !owned() {
+                tracing::info!(
+                    table,
+                    rows,
+                    attempts = attempt,
+                    "the batch's partitions were given away: its new owner inserts its records"
+                );
+                return Ok(Sent::Fenced);
+            }
             let started = Instant::now();
             match self.writer.insert(&self.sql, body.clone(), token).await {
                 Ok(()) => {
@@ -745,7 +825,7 @@ impl<W: Writer> TableSink<W> {
                             "insert succeeded after retries"
                         );
                     }
-                    return Ok(());
+                    return Ok(Sent::Acknowledged);
                 }
                 Err(e) => {
                     self.metrics
@@ -753,8 +833,19 @@ impl<W: Writer> TableSink<W> {
                         .with_label_values(&[table, e.class.as_str()])
                         .inc();
                     attempt += 1;
+                    if e.class == ErrorClass::Split && token.is_some() && !e.splits_alike() {
+                        return Err(repeated(e, 1, rows, ErrorClass::Split, true));
+                    }
                     if e.class != ErrorClass::Transient {
                         return Err(e);
+                    }
+                    same = if same.0 == e.code {
+                        (e.code, same.1 + 1)
+                    } else {
+                        (e.code, 1)
+                    };
+                    if let Some((_, becomes)) = e.repeats().filter(|(l, _)| same.1 >= *l) {
+                        return Err(repeated(e, same.1, rows, becomes, token.is_some()));
                     }
                     if e.code.is_none() {
                         // No answer from the server at all.
@@ -770,22 +861,74 @@ impl<W: Writer> TableSink<W> {
                         });
                     }
                     let wait = backoff(&self.retry, attempt - 1);
+                    let code = e.code_label();
                     tracing::warn!(
                         table,
                         rows,
                         attempt,
+                        code = %code,
                         retry_in_ms = wait.as_millis() as u64,
                         error = %e,
                         "insert failed, will retry the same batch"
                     );
                     self.metrics
                         .insert_retries
-                        .with_label_values(&[table])
+                        .with_label_values(&[table, &code])
                         .inc();
                     tokio::time::sleep(wait).await;
                 }
             }
         }
+    }
+}
+
+/// The error a transient-looking failure becomes once the same bytes failed
+/// with it `times` times. Splitting is only safe with exactly-once when the
+/// server would refuse the same rows the same way on a replay; a timeout or
+/// memory limit depends on the server's load, so there it stops instead.
+fn repeated(
+    e: InsertError,
+    times: u32,
+    rows: usize,
+    becomes: ErrorClass,
+    eos: bool,
+) -> InsertError {
+    let code = e.code.map_or_else(String::new, |c| {
+        format!(
+            "code {c} ({})",
+            errors::code_name(c).unwrap_or("unknown to chbridge")
+        )
+    });
+    match becomes {
+        ErrorClass::Split if !eos => InsertError {
+            message: format!(
+                "ClickHouse answered {code} {times} times for the same {rows} rows: taken as the \
+                 batch's size, it is split: {}",
+                e.message
+            ),
+            class: ErrorClass::Split,
+            ..e
+        },
+        ErrorClass::Split => InsertError {
+            message: format!(
+                "ClickHouse answered {code} {times} times for the same {rows} rows. Exactly-once \
+                 cannot split a batch on an error that depends on the server's load (a replay \
+                 might not split the same way): lower batch.max_rows or batch.max_bytes, or raise \
+                 the server's limit, then start chbridge again: {}",
+                e.message
+            ),
+            class: ErrorClass::Fatal,
+            ..e
+        },
+        other => InsertError {
+            message: format!(
+                "ClickHouse answered {code} {times} times for the same {rows} rows; chbridge stops \
+                 rather than send them forever: {}",
+                e.message
+            ),
+            class: other,
+            ..e
+        },
     }
 }
 
@@ -810,6 +953,7 @@ fn row_hint(message: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exactly_once::memory::MemoryStore;
     use std::sync::Mutex;
 
     /// Fails with the given errors in turn, then succeeds; records every body.
@@ -849,6 +993,9 @@ mod tests {
         hint: bool,
         landed: Mutex<Vec<u8>>,
         tokens: Mutex<Vec<String>>,
+        /// Per insert: how many ranges the state store held at that moment.
+        store: Mutex<Option<Arc<MemoryStore>>>,
+        recorded_before: Mutex<Vec<usize>>,
     }
 
     impl Writer for RefusingWriter {
@@ -862,6 +1009,10 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(token.unwrap_or("").to_string());
+            if let Some(store) = self.store.lock().unwrap().as_ref() {
+                let n = store.written.lock().unwrap().len();
+                self.recorded_before.lock().unwrap().push(n);
+            }
             match body.iter().position(|b| self.bad.contains(b)) {
                 Some(i) => Err(InsertError {
                     class: ErrorClass::Data,
@@ -887,6 +1038,8 @@ mod tests {
                 hint,
                 landed: Mutex::new(Vec::new()),
                 tokens: Mutex::new(Vec::new()),
+                store: Mutex::new(None),
+                recorded_before: Mutex::new(Vec::new()),
             },
             0,
         )
@@ -898,7 +1051,7 @@ mod tests {
             let s = refusing(&[7, 13, 14], hint);
             let b = batch_of(40);
             let rejected = s.deliver(&b).await.unwrap();
-            assert_eq!(rejected, Some(3), "hint={hint}");
+            assert_eq!(rejected, Delivered::Inserted(3), "hint={hint}");
             let mut landed = s.writer.landed.lock().unwrap().clone();
             landed.sort();
             let expected: Vec<u8> = (0..40).filter(|b| ![7, 13, 14].contains(b)).collect();
@@ -923,7 +1076,10 @@ mod tests {
 
     #[tokio::test]
     async fn parts_of_an_exactly_once_batch_carry_tokens_derived_from_its_range() {
-        let s = refusing(&[3], true);
+        let mut s = refusing(&[3], true);
+        let store = Arc::new(MemoryStore::default());
+        s.state = Some(store.clone());
+        *s.writer.store.lock().unwrap() = Some(store.clone());
         let mut b = batch_of(8);
         b.range = Some(BatchRange {
             table: "db.t".into(),
@@ -939,7 +1095,17 @@ mod tests {
             generation: 1,
             first_offset: 100,
         }];
-        assert_eq!(s.deliver(&b).await.unwrap(), Some(1));
+        assert_eq!(s.deliver(&b).await.unwrap(), Delivered::Inserted(1));
+        // The range was recorded before anything was inserted.
+        assert_eq!(
+            *s.writer.recorded_before.lock().unwrap(),
+            vec![1, 1, 1, 1],
+            "every insert found the range in the store"
+        );
+        assert_eq!(
+            store.written.lock().unwrap().clone(),
+            vec![b.range.clone().unwrap()]
+        );
         let tokens = s.writer.tokens.lock().unwrap().clone();
         assert_eq!(
             tokens,
@@ -950,10 +1116,11 @@ mod tests {
                 "chbridge|g|db.t|t|0|100-107/4-8",
             ]
         );
-        // Revoked meanwhile: nothing is sent.
+        // Revoked meanwhile: nothing is recorded or sent.
         s.ownership.remove(P0);
-        assert_eq!(s.deliver(&b).await.unwrap(), None);
+        assert_eq!(s.deliver(&b).await.unwrap(), Delivered::Fenced);
         assert_eq!(s.writer.tokens.lock().unwrap().len(), 4);
+        assert_eq!(store.written.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -1030,8 +1197,14 @@ mod tests {
             segments: vec![],
             oldest_timestamp_ms: None,
             range: None,
+            replay: false,
             schema_version: 0,
+            accounted: 0,
         }
+    }
+
+    fn always_owned() -> bool {
+        true
     }
 
     #[tokio::test]
@@ -1044,21 +1217,29 @@ mod tests {
             0,
         );
         let b = batch_of(2);
-        s.insert_with_retry(b.body.clone(), 2, None).await.unwrap();
+        s.insert_with_retry(b.body.clone(), 2, None, &always_owned)
+            .await
+            .unwrap();
         let bodies = s.writer.bodies.lock().unwrap();
         assert_eq!(bodies.len(), 3);
         assert!(bodies.iter().all(|b| b[..] == [0, 1]));
-        assert_eq!(
-            s.metrics.insert_retries.with_label_values(&["db.t"]).get(),
-            2
-        );
+        // Counted by code: the retries say what ClickHouse answered.
+        for code in ["241", "202"] {
+            assert_eq!(
+                s.metrics
+                    .insert_retries
+                    .with_label_values(&["db.t", code])
+                    .get(),
+                1
+            );
+        }
     }
 
     #[tokio::test]
     async fn data_errors_are_not_retried() {
         let s = sink(vec![err(ErrorClass::Data, 27)], 0);
         let e = s
-            .insert_with_retry(batch_of(2).body, 2, None)
+            .insert_with_retry(batch_of(2).body, 2, None, &always_owned)
             .await
             .unwrap_err();
         assert_eq!(e.class, ErrorClass::Data);
@@ -1071,9 +1252,9 @@ mod tests {
 
     #[tokio::test]
     async fn max_attempts_bounds_retries() {
-        let s = sink(vec![err(ErrorClass::Transient, 241); 5], 3);
+        let s = sink(vec![err(ErrorClass::Transient, 202); 5], 3);
         let e = s
-            .insert_with_retry(batch_of(2).body, 2, None)
+            .insert_with_retry(batch_of(2).body, 2, None, &always_owned)
             .await
             .unwrap_err();
         assert!(e.message.contains("gave up after 3 attempts"), "{e}");
@@ -1091,5 +1272,265 @@ mod tests {
         assert!(b0 >= Duration::from_millis(50) && b0 <= Duration::from_millis(100));
         let b10 = backoff(&r, 10);
         assert!(b10 >= Duration::from_millis(500) && b10 <= Duration::from_secs(1));
+    }
+
+    /// Fails every insert with `code` and `message` while the body holds more
+    /// than `max_rows` one-byte rows; keeps what landed.
+    struct LimitWriter {
+        max_rows: usize,
+        code: u32,
+        message: &'static str,
+        attempts: Mutex<usize>,
+        landed: Mutex<Vec<u8>>,
+    }
+
+    impl Writer for LimitWriter {
+        async fn insert(
+            &self,
+            _sql: &str,
+            body: Bytes,
+            _token: Option<&str>,
+        ) -> Result<(), InsertError> {
+            *self.attempts.lock().unwrap() += 1;
+            if body.len() > self.max_rows {
+                return Err(errors::classify(&clickhouse::error::Error::BadResponse(
+                    format!("Code: {}. DB::Exception: {}", self.code, self.message),
+                )));
+            }
+            self.landed.lock().unwrap().extend_from_slice(&body);
+            Ok(())
+        }
+    }
+
+    fn limited(max_rows: usize, code: u32, message: &'static str) -> TableSink<LimitWriter> {
+        sink_with(
+            LimitWriter {
+                max_rows,
+                code,
+                message,
+                attempts: Mutex::new(0),
+                landed: Mutex::new(Vec::new()),
+            },
+            0,
+        )
+    }
+
+    /// An exactly-once batch of `n` rows, owned at generation 1.
+    fn owned_eos_batch(s: &TableSink<impl Writer>, n: usize) -> ReadyBatch {
+        let mut b = batch_of(n);
+        b.range = Some(BatchRange {
+            table: "db.t".into(),
+            topic: "t".into(),
+            partition: 0,
+            first: 100,
+            last: 100 + n as i64 - 1,
+        });
+        s.ownership.set(P0, 1);
+        b.segments = vec![Segment {
+            key: P0,
+            generation: 1,
+            first_offset: 100,
+        }];
+        b
+    }
+
+    /// Item 7: a batch over a server limit that the same bytes always hit is
+    /// split until its parts pass, instead of being sent again forever.
+    #[tokio::test]
+    async fn a_batch_over_a_server_limit_is_split_instead_of_retried_forever() {
+        let cases = [
+            (
+                252,
+                "Too many partitions for single INSERT block (more than 100). (TOO_MANY_PARTS)",
+            ),
+            (
+                241,
+                "Memory limit (for query) exceeded: would use 9.31 GiB. (MEMORY_LIMIT_EXCEEDED)",
+            ),
+            (
+                159,
+                "Timeout exceeded: elapsed 5.1 seconds, maximum: 5. (TIMEOUT_EXCEEDED)",
+            ),
+        ];
+        for (code, message) in cases {
+            let s = limited(4, code, message);
+            let b = batch_of(40);
+            let got = tokio::time::timeout(Duration::from_secs(10), s.deliver(&b))
+                .await
+                .expect("the same bytes were sent again and again")
+                .unwrap();
+            assert_eq!(got, Delivered::Inserted(0), "code {code}");
+            let mut landed = s.writer.landed.lock().unwrap().clone();
+            landed.sort();
+            assert_eq!(
+                landed,
+                (0..40).collect::<Vec<u8>>(),
+                "every row once (code {code})"
+            );
+            assert_eq!(
+                s.metrics.rows_inserted.with_label_values(&["db.t"]).get(),
+                40
+            );
+        }
+        // A timeout is retried TIMEOUT_REPEATS times before it is the batch's.
+        let s = limited(4, 159, "Timeout exceeded. (TIMEOUT_EXCEEDED)");
+        s.deliver(&batch_of(8)).await.unwrap();
+        let attempts = *s.writer.attempts.lock().unwrap();
+        assert_eq!(
+            attempts,
+            errors::TIMEOUT_REPEATS as usize + 2,
+            "3 of 8 rows, then two halves"
+        );
+    }
+
+    /// Item 7: with exactly-once, a load-dependent limit must not split (a
+    /// replay might not split alike and would duplicate): it stops, saying
+    /// what to change. Partitions per block split alike, so they do split.
+    #[tokio::test]
+    async fn exactly_once_splits_only_where_a_replay_splits_alike() {
+        let s = limited(
+            4,
+            241,
+            "Memory limit (for query) exceeded. (MEMORY_LIMIT_EXCEEDED)",
+        );
+        let b = owned_eos_batch(&s, 8);
+        let e = s.deliver(&b).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal, "{e}");
+        assert!(e.message.contains("lower batch.max_rows"), "{e}");
+        assert!(s.writer.landed.lock().unwrap().is_empty());
+        let s = limited(
+            4,
+            252,
+            "Too many partitions for single INSERT block (more than 100).",
+        );
+        let b = owned_eos_batch(&s, 8);
+        assert_eq!(s.deliver(&b).await.unwrap(), Delivered::Inserted(0));
+        assert_eq!(s.writer.landed.lock().unwrap().len(), 8);
+    }
+
+    /// Item 7: a code chbridge does not know is retried a few times, then stops.
+    #[tokio::test]
+    async fn an_unknown_code_that_repeats_stops_with_the_code() {
+        let s = limited(0, 9999, "something new");
+        let e = tokio::time::timeout(Duration::from_secs(10), s.deliver(&batch_of(3)))
+            .await
+            .expect("retried forever")
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert!(
+            e.message.contains("code 9999") && e.message.contains("5 times"),
+            "{e}"
+        );
+        assert_eq!(*s.writer.attempts.lock().unwrap(), 5);
+        assert_eq!(
+            s.metrics
+                .insert_retries
+                .with_label_values(&["db.t", "9999"])
+                .get(),
+            4
+        );
+    }
+
+    /// Item 9: every row of a batch refused one by one is a batch-level
+    /// problem (a broken view, a constraint no row meets), whatever
+    /// max_failed_ratio allows: the batch fails, nothing is dead-lettered.
+    #[tokio::test]
+    async fn a_batch_whose_every_row_is_refused_fails() {
+        let all: Vec<u8> = (0..8).collect();
+        let mut s = refusing(&all, false);
+        s.policies = tokio::sync::watch::channel(RowPolicies {
+            by_topic: vec![RowPolicy::Skip],
+            max_rejected_ratio: 1.0,
+        })
+        .1;
+        let e = s.deliver(&batch_of(8)).await.unwrap_err();
+        assert!(e.message.contains("refused every one of the 8 rows"), "{e}");
+        assert_eq!(
+            s.metrics
+                .records_failed
+                .with_label_values(&["t", "db.t", "rejected"])
+                .get(),
+            0,
+            "no row was handled as a bad row"
+        );
+    }
+
+    /// Fails with a transient error, and takes the batch's partition away
+    /// after its first attempt (a rebalance during a ClickHouse outage).
+    struct RevokingWriter {
+        ownership: Arc<Ownership>,
+        attempts: Mutex<usize>,
+    }
+
+    impl Writer for RevokingWriter {
+        async fn insert(
+            &self,
+            _sql: &str,
+            _body: Bytes,
+            _token: Option<&str>,
+        ) -> Result<(), InsertError> {
+            *self.attempts.lock().unwrap() += 1;
+            self.ownership.remove(P0);
+            Err(err(ErrorClass::Transient, 210))
+        }
+    }
+
+    /// Item 3: the fence is checked before every attempt, not once: a
+    /// partition revoked while its insert is being retried is not inserted
+    /// by this member any more (its new owner inserts it).
+    #[tokio::test]
+    async fn a_revocation_between_retries_stops_the_insert() {
+        let ownership = Arc::new(Ownership::default());
+        let mut s = sink_with(
+            RevokingWriter {
+                ownership: ownership.clone(),
+                attempts: Mutex::new(0),
+            },
+            0,
+        );
+        s.ownership = ownership;
+        let b = owned_eos_batch(&s, 4);
+        let got = tokio::time::timeout(Duration::from_secs(5), s.deliver(&b))
+            .await
+            .expect("still retrying for a partition it no longer owns");
+        assert_eq!(got.unwrap(), Delivered::Fenced);
+        assert_eq!(*s.writer.attempts.lock().unwrap(), 1);
+        // At-least-once: a batch whose partitions are all gone is dropped too.
+        let mut b = batch_of(2);
+        b.segments = vec![Segment {
+            key: P0,
+            generation: 1,
+            first_offset: 100,
+        }];
+        s.ownership.set(P0, 1);
+        assert_eq!(s.deliver(&b).await.unwrap(), Delivered::Fenced);
+        assert_eq!(*s.writer.attempts.lock().unwrap(), 2);
+    }
+
+    /// Item 3: the range write is fenced inside its retry loop as well.
+    #[tokio::test]
+    async fn a_revocation_while_the_range_write_is_retried_records_nothing_more() {
+        let mut s = sink(vec![], 0);
+        let store = Arc::new(MemoryStore::default());
+        store
+            .fail_writes
+            .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+        s.state = Some(store.clone());
+        let b = owned_eos_batch(&s, 2);
+        let ownership = s.ownership.clone();
+        let revoke = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            ownership.remove(P0);
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), s.deliver(&b))
+            .await
+            .expect("still recording a range for a partition it no longer owns");
+        revoke.await.unwrap();
+        assert_eq!(got.unwrap(), Delivered::Fenced);
+        assert!(store.written.lock().unwrap().is_empty());
+        assert!(
+            s.writer.bodies.lock().unwrap().is_empty(),
+            "nothing inserted"
+        );
     }
 }
