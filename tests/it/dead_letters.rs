@@ -156,3 +156,107 @@ fn bad_records_and_refused_rows_go_to_the_dead_letter_topic_and_good_rows_land()
     assert_eq!(rows(), good + refused);
     drop_database(&db);
 }
+
+/// Item 12 of the delivery review: two routes into one table, each with its
+/// own dead-letter topic. Their replays must not take each other for
+/// duplicates (the token named neither the dead-letter topic nor the group),
+/// and a replayed record keeps its key, timestamp and headers (they were not
+/// passed to the decoder).
+#[test]
+fn replays_of_two_routes_into_one_table_both_land_with_the_records_metadata() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let db = unique("it_dlq2");
+    let group = unique("g_dlq2");
+    create_database(&db);
+    ch(&format!(
+        "CREATE TABLE {db}.t (id UInt64, src String, k String, trace String, \
+         ts DateTime64(3, 'UTC'), payload String, \
+         CONSTRAINT no_rejects CHECK payload != 'reject me') ENGINE = MergeTree ORDER BY id \
+         SETTINGS non_replicated_deduplication_window = 100"
+    ));
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    const N: u64 = 400;
+    let mut routes = String::new();
+    let mut topics = Vec::new();
+    for (r, name) in ["a", "b"].iter().enumerate() {
+        let topic = unique(&format!("dlq2_{name}"));
+        let dlq = unique(&format!("dlq2_{name}_dead"));
+        create_topic(&topic, 1);
+        create_topic(&dlq, 1);
+        for i in 0..N {
+            let id = r as u64 * 1_000_000 + i;
+            // Every 20th row is refused by the table until the fix.
+            let payload = if i % 20 == 3 { "reject me" } else { "fine" };
+            let value = format!(r#"{{"id":{id},"payload":"{payload}"}}"#);
+            let (key, trace) = (format!("k{id}"), format!("t{id}"));
+            let rec = BaseRecord::to(&topic)
+                .key(key.as_bytes())
+                .payload(value.as_bytes())
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "trace-id",
+                    value: Some(trace.as_bytes()),
+                }))
+                .timestamp(1_700_000_000_000 + id as i64);
+            producer.send(rec).map_err(|(e, _)| e).expect("send");
+            producer.poll(Duration::ZERO);
+        }
+        routes.push_str(&format!(
+            "[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\non_error = \"dead-letter\"\n\
+             dead_letter_topic = \"{dlq}\"\n[routes.columns]\nsrc = {{ const = \"{name}\" }}\n\
+             k = {{ meta = \"key\" }}\ntrace = {{ header = \"trace-id\" }}\nts = {{ meta = \"timestamp\" }}\n\n"
+        ));
+        topics.push((topic, dlq));
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    let cfg = BridgeConfig::new(&group, &db, &routes);
+    let dir = test_dir(&db);
+    let bridge = Bridge::start(&cfg, &dir);
+    let refused = N / 20;
+    let landed = 2 * (N - refused);
+    assert!(
+        wait_until(Duration::from_secs(60), || ch_u64(&format!(
+            "SELECT count() FROM {db}.t"
+        )) >= landed),
+        "good rows did not land; log:\n{}",
+        bridge.log_text()
+    );
+    for (_, dlq) in &topics {
+        read_topic(dlq, refused as usize, Duration::from_secs(30));
+    }
+    drop(bridge);
+    ch(&format!("ALTER TABLE {db}.t DROP CONSTRAINT no_rejects"));
+    let path = write_config(&cfg, &dir);
+    for route in ["0", "1"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chbridge"))
+            .args(["dlq", "replay", "--route", route, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "route {route}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            text.contains(&format!("read {refused} dead letters, inserted {refused} rows")),
+            "route {route}: {text}"
+        );
+    }
+    assert_eq!(
+        ch_u64(&format!("SELECT count() FROM {db}.t")),
+        2 * N,
+        "the second route's replay was dropped as a duplicate of the first's"
+    );
+    // The replayed rows carry their records' key, header and timestamp.
+    assert_eq!(
+        ch_u64(&format!(
+            "SELECT countIf(k = concat('k', toString(id)) AND trace = concat('t', toString(id)) \
+             AND toUnixTimestamp64Milli(ts) = 1700000000000 + id \
+             AND src = if(id >= 1000000, 'b', 'a')) FROM {db}.t WHERE payload = 'reject me'"
+        )),
+        2 * refused
+    );
+    drop_database(&db);
+}
