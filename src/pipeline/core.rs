@@ -644,11 +644,13 @@ impl Core {
         } else {
             None
         };
-        if self.routes[route_idx].config.auto_add_columns && !seen {
-            self.add_new_columns(route_idx, key, generation, rec)?;
-            // Adding columns makes the table read its pending records again.
-            let t = &mut self.tables[ti];
-            if let Some(r) = &mut t.reread.rewind {
+        if self.routes[route_idx].config.auto_add_columns {
+            if self.add_new_columns(route_idx, key, generation, rec)? {
+                return Ok(false);
+            }
+            // Adding columns makes the table read its pending records
+            // again, this one included.
+            if let Some(r) = &mut self.tables[ti].reread.rewind {
                 r.lower(&mut self.tracker, key, generation, rec.offset);
                 return Ok(false);
             }
@@ -1002,22 +1004,23 @@ impl Core {
 
     /// `auto_add_columns`: adds the columns the record's new fields need to
     /// the route's table before the record is decoded, so that no value is
-    /// lost. A field name no column can have is the record's failure.
+    /// lost. A field name no column can have is the record's failure: true
+    /// when the record was handled so (not to be decoded).
     fn add_new_columns(
         &mut self,
         route_idx: usize,
         key: PartitionKey,
         generation: u64,
         rec: &Record<'_>,
-    ) -> Result<(), Halt> {
+    ) -> Result<bool, Halt> {
         let wanted = self.routes[route_idx].decoder.new_columns(rec);
         if wanted.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let ti = self.routes[route_idx].table;
         let (Some(history), Some(ch)) = (self.tables[ti].schema_history.clone(), &self.clickhouse)
         else {
-            return Ok(());
+            return Ok(false);
         };
         let (wanted, unfit): (Vec<_>, Vec<_>) = wanted
             .into_iter()
@@ -1093,21 +1096,23 @@ impl Core {
         if let Some((name, _)) = unfit.first() {
             // No check of the table can help: the record is judged now.
             let why = crate::schema::column_name_problem(name).unwrap_or_default();
-            return self.judge(
-                route_idx,
-                key,
-                generation,
-                rec,
-                RecordError {
-                    kind: RecordErrorKind::UnknownField,
-                    column: None,
-                    message: format!(
-                        "auto_add_columns: field {name:?} cannot be a column name ({why})"
-                    ),
-                },
-            );
+            return self
+                .judge(
+                    route_idx,
+                    key,
+                    generation,
+                    rec,
+                    RecordError {
+                        kind: RecordErrorKind::UnknownField,
+                        column: None,
+                        message: format!(
+                            "auto_add_columns: field {name:?} cannot be a column name ({why})"
+                        ),
+                    },
+                )
+                .map(|()| true);
         }
-        Ok(())
+        Ok(false)
     }
 
     // ------------------------------------------------------------ batches

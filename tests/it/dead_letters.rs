@@ -238,9 +238,15 @@ fn replays_of_two_routes_into_one_table_both_land_with_the_records_metadata() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "route {route}: {text}{}", String::from_utf8_lossy(&out.stderr));
         assert!(
-            text.contains(&format!("read {refused} dead letters, inserted {refused} rows")),
+            out.status.success(),
+            "route {route}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(&format!(
+                "read {refused} dead letters, inserted {refused} rows"
+            )),
             "route {route}: {text}"
         );
     }

@@ -201,3 +201,61 @@ fn auto_add_columns_adds_typed_columns_before_the_first_value_is_lost() {
     );
     assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), N);
 }
+
+/// Item 11 of the delivery review: a field named with a `?` made the ALTER
+/// fail (the client took it for a bind placeholder) and stopped the bridge on
+/// every restart; an empty field name cannot be a column at all. The first
+/// becomes a column like any other; the second is the record's failure and
+/// follows the route's on_error.
+#[test]
+fn auto_add_columns_quotes_any_field_name_and_refuses_impossible_ones_as_record_errors() {
+    let db = unique("autoadd_names");
+    ch(&format!("CREATE DATABASE {db}"));
+    ch(&format!(
+        "CREATE TABLE {db}.t (id UInt64) ENGINE = MergeTree ORDER BY id"
+    ));
+    let topic = unique("autoadd_names");
+    let dlq = unique("autoadd_names_dlq");
+    create_topic(&topic, 1);
+    create_topic(&dlq, 1);
+    let p = TestProducer::new();
+    let records = [
+        r#"{"id":1,"what?":"q1","a`b":"tick"}"#,
+        r#"{"id":2,"":"empty name"}"#,
+        r#"{"id":3,"what?":"q3"}"#,
+    ];
+    for (i, r) in records.iter().enumerate() {
+        p.send(&topic, Some(0), i as u64, r.as_bytes());
+    }
+    p.flush();
+    let group = unique("autoadd-names-group");
+    let cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!(
+            "[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\nauto_add_columns = true\n\
+             on_error = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"
+        ),
+    );
+    let dir = test_dir(&group);
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let done = wait_until(Duration::from_secs(60), || {
+        ch_u64(&format!("SELECT count() FROM {db}.t")) >= 2
+            && committed(&group, &topic, 1) == vec![3]
+    });
+    let log = bridge.log_text();
+    bridge.signal(libc::SIGTERM);
+    let status = bridge.wait(Duration::from_secs(30));
+    assert!(done, "records did not land or commit:\n{log}");
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert_eq!(
+        ch(&format!(
+            "SELECT id, `what?`, `a``b` FROM {db}.t ORDER BY id FORMAT CSV"
+        )),
+        "1,\"q1\",\"tick\"\n3,\"q3\",\"\"\n"
+    );
+    let letters = read_topic(&dlq, 1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1);
+    use rdkafka::message::Message;
+    assert_eq!(letters[0].payload(), Some(records[1].as_bytes()));
+}
