@@ -20,6 +20,7 @@ pub struct Report {
 pub async fn check(config: &Config) -> Report {
     let mut text = String::new();
     let mut problems = Vec::new();
+    let mut partitions = std::collections::HashMap::new();
 
     // Kafka: reachable, and every topic exists.
     let kafka = crate::kafka::client_config(&config.kafka);
@@ -54,6 +55,7 @@ pub async fn check(config: &Config) -> Report {
                         match r {
                             Ok(Some((n, false))) if n > 0 => {
                                 let _ = writeln!(text, "  topic {topic}: {n} partitions");
+                                partitions.insert(topic, n);
                             }
                             Ok(_) => problems.push(format!(
                                 "kafka: topic {topic} does not exist on {}: create it (with the \
@@ -117,7 +119,7 @@ pub async fn check(config: &Config) -> Report {
                 }
             }
             if config.delivery == Delivery::ExactlyOnce {
-                check_exactly_once(config, &client, &mut text, &mut problems).await;
+                check_exactly_once(config, &client, &partitions, &mut text, &mut problems).await;
             }
         }
     }
@@ -129,17 +131,34 @@ pub async fn check(config: &Config) -> Report {
 async fn check_exactly_once(
     config: &Config,
     client: &clickhouse::Client,
+    partitions: &std::collections::HashMap<String, usize>,
     text: &mut String,
     problems: &mut Vec<String>,
 ) {
-    let tables: Vec<(String, String)> = (0..config.routes.len())
-        .map(|i| config.route_table(i))
-        .collect();
+    let mut tables: Vec<(String, String, exactly_once::DedupNeeds)> = Vec::new();
+    for i in 0..config.routes.len() {
+        let (db, t) = config.route_table(i);
+        if tables.iter().any(|(d, n, _)| *d == db && *n == t) {
+            continue;
+        }
+        let needs = exactly_once::DedupNeeds::of(
+            config,
+            exactly_once::partitions_into(config, &db, &t, partitions),
+        );
+        let _ = writeln!(
+            text,
+            "exactly-once: {db}.{t} must remember at least {} insert tokens ({})",
+            needs.window(),
+            needs.explain()
+        );
+        tables.push((db, t, needs));
+    }
     match exactly_once::table_problems(client, &tables).await {
         Ok(p) if p.is_empty() => {
             let _ = writeln!(
                 text,
-                "exactly-once: every target table deduplicates inserts"
+                "exactly-once: every target table deduplicates inserts for that long, \
+                 and every batch is one insert block"
             );
         }
         Ok(p) => problems.extend(p),

@@ -16,6 +16,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
+
+use crate::config::Config;
 
 use crate::schema::quote_ident;
 
@@ -236,23 +239,97 @@ impl StateStore {
     }
 }
 
+/// What exactly-once asks of a target table's deduplication, worked out
+/// from the configuration and the partitions routed to the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DedupNeeds {
+    /// Partitions of the topics routed to the table (all replicas' together).
+    pub partitions: usize,
+    /// The longest time from a batch's attempt to its replay by the next
+    /// owner: the group notices a dead member after `session.timeout.ms`; a
+    /// revocation hands over after at most `shutdown_timeout`.
+    pub horizon: Duration,
+    pub max_wait: Duration,
+    pub max_rows: usize,
+    pub max_bytes: u64,
+}
+
+/// librdkafka's `session.timeout.ms` when the configuration leaves it alone.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(45);
+
+impl DedupNeeds {
+    pub fn of(config: &Config, partitions: usize) -> DedupNeeds {
+        let session = config
+            .kafka
+            .properties
+            .get("session.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .map_or(DEFAULT_SESSION_TIMEOUT, Duration::from_millis);
+        DedupNeeds {
+            partitions,
+            horizon: session + config.shutdown_timeout,
+            max_wait: config.batch.max_wait,
+            max_rows: config.batch.max_rows,
+            max_bytes: config.batch.max_bytes.as_u64(),
+        }
+    }
+
+    /// Inserts into the table between a batch's attempt and its replay:
+    /// every partition's batches during the horizon (one per `max_wait` when
+    /// batches close by time), plus the batch itself; never below
+    /// [`MIN_DEDUP_WINDOW`]. A batch whose rows fall into several `PARTITION
+    /// BY` values takes one entry per part: docs/guarantees.md.
+    pub fn window(&self) -> u64 {
+        let per_partition = self
+            .horizon
+            .as_millis()
+            .div_ceil(self.max_wait.as_millis().max(1)) as u64
+            + 1;
+        (self.partitions.max(1) as u64 * per_partition).max(MIN_DEDUP_WINDOW)
+    }
+
+    /// How [`DedupNeeds::window`] was worked out, for messages.
+    pub fn explain(&self) -> String {
+        format!(
+            "{} partitions x (ceil({}s session timeout and shutdown_timeout / {}ms batch.max_wait) + 1)",
+            self.partitions,
+            self.horizon.as_secs(),
+            self.max_wait.as_millis()
+        )
+    }
+}
+
+/// The server settings that decide how an insert is cut into blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLimits {
+    pub max_insert_block_size: u64,
+    /// 0: no limit.
+    pub max_insert_block_size_bytes: u64,
+}
+
 /// What a table needs for exactly-once: a MergeTree-family engine with a
-/// deduplication window, large enough to remember a batch's token until it
-/// is replayed. Returns the problem, if any, with the fix.
-/// `server_default` gives the server's value of a MergeTree setting
-/// (`system.merge_tree_settings`), used where the table does not set it.
+/// deduplication window that remembers a batch's token until the batch can
+/// be replayed, and batches that ClickHouse inserts as one block (a batch
+/// cut into blocks can land in part; the rest of it, retried or split,
+/// would no longer match the tokens of what landed). Returns the problems,
+/// each with its fix. `server_default` gives the server's value of a
+/// MergeTree setting (`system.merge_tree_settings`) where the table does not
+/// set it.
 pub fn table_problem(
     engine: &str,
     engine_full: &str,
     server_default: impl Fn(&str) -> u64,
     table: &str,
-) -> Option<String> {
+    needs: &DedupNeeds,
+    blocks: &BlockLimits,
+) -> Vec<String> {
     if !engine.contains("MergeTree") {
-        return Some(format!(
+        return vec![format!(
             "{table}: exactly-once needs a MergeTree-family table (insert deduplication); \
              its engine is {engine}"
-        ));
+        )];
     }
+    let mut problems = Vec::new();
     let replicated = engine.starts_with("Replicated") || engine.starts_with("Shared");
     let setting = if replicated {
         "replicated_deduplication_window"
@@ -260,15 +337,49 @@ pub fn table_problem(
         "non_replicated_deduplication_window"
     };
     let window = setting_value(engine_full, setting).unwrap_or_else(|| server_default(setting));
-    if window < MIN_DEDUP_WINDOW {
-        return Some(format!(
-            "{table}: exactly-once needs {setting} of at least {MIN_DEDUP_WINDOW} (it is {window}): \
+    let wanted = needs.window();
+    if window < wanted {
+        problems.push(format!(
+            "{table}: exactly-once needs {setting} of at least {wanted} ({}; it is {window}): \
              the table must remember a batch's deduplication token until the batch can be \
              replayed, through every other insert in between. Run: \
-             ALTER TABLE {table} MODIFY SETTING {setting} = 1000"
+             ALTER TABLE {table} MODIFY SETTING {setting} = {}",
+            needs.explain(),
+            wanted.max(1000)
         ));
     }
-    None
+    if replicated {
+        let name = "replicated_deduplication_window_seconds";
+        let seconds = setting_value(engine_full, name).unwrap_or_else(|| server_default(name));
+        let wanted = 2 * needs.horizon.as_secs().max(1);
+        if seconds < wanted {
+            problems.push(format!(
+                "{table}: exactly-once needs {name} of at least {wanted} (twice the {}s from an \
+                 attempt to its replay; it is {seconds}). Run: ALTER TABLE {table} MODIFY \
+                 SETTING {name} = {}",
+                needs.horizon.as_secs(),
+                wanted.max(3600)
+            ));
+        }
+    }
+    if needs.max_rows as u64 > blocks.max_insert_block_size {
+        problems.push(format!(
+            "{table}: batch.max_rows = {} is more than ClickHouse's max_insert_block_size = {} \
+             for this user: a batch would be inserted as several blocks, and one that fails \
+             half-way could not be replayed exactly. Lower batch.max_rows to at most {}",
+            needs.max_rows, blocks.max_insert_block_size, blocks.max_insert_block_size
+        ));
+    }
+    if blocks.max_insert_block_size_bytes > 0
+        && needs.max_bytes > blocks.max_insert_block_size_bytes
+    {
+        problems.push(format!(
+            "{table}: batch.max_bytes = {} is more than ClickHouse's max_insert_block_size_bytes \
+             = {} for this user: lower batch.max_bytes to at most that",
+            needs.max_bytes, blocks.max_insert_block_size_bytes
+        ));
+    }
+    problems
 }
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -277,15 +388,17 @@ struct EngineRow {
     engine_full: String,
 }
 
-/// What each of `tables` lacks for exactly-once (see [`table_problem`]).
+/// What each of `tables` (database, table, what it must keep up with) lacks
+/// for exactly-once (see [`table_problem`]).
 pub async fn table_problems(
     client: &clickhouse::Client,
-    tables: &[(String, String)],
+    tables: &[(String, String, DedupNeeds)],
 ) -> Result<Vec<String>, clickhouse::error::Error> {
     let defaults: Vec<(String, String)> = client
         .query(
-            "SELECT name, value FROM system.merge_tree_settings \
-             WHERE name IN ('non_replicated_deduplication_window', 'replicated_deduplication_window')",
+            "SELECT name, value FROM system.merge_tree_settings WHERE name IN \
+             ('non_replicated_deduplication_window', 'replicated_deduplication_window', \
+             'replicated_deduplication_window_seconds')",
         )
         .fetch_all()
         .await?;
@@ -296,8 +409,26 @@ pub async fn table_problems(
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(0)
     };
+    let settings: Vec<(String, String)> = client
+        .query(
+            "SELECT name, value FROM system.settings WHERE name IN \
+             ('max_insert_block_size', 'max_insert_block_size_bytes')",
+        )
+        .fetch_all()
+        .await?;
+    let setting = |name: &str, default: u64| {
+        settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let blocks = BlockLimits {
+        max_insert_block_size: setting("max_insert_block_size", 1_048_449),
+        max_insert_block_size_bytes: setting("max_insert_block_size_bytes", 0),
+    };
     let mut problems = Vec::new();
-    for (db, t) in tables {
+    for (db, t, needs) in tables {
         let row: Option<EngineRow> = client
             .query("SELECT engine, engine_full FROM system.tables WHERE database = ? AND name = ?")
             .bind(db)
@@ -310,15 +441,36 @@ pub async fn table_problems(
                 &row.engine_full,
                 server_default,
                 &format!("{db}.{t}"),
+                needs,
+                &blocks,
             ));
         }
     }
     Ok(problems)
 }
 
-/// Inserts into one table between a batch's attempt and its replay: one per
-/// partition per flush while the partition moves, plus bisection inserts.
-/// 100 covers a rebalance of dozens of partitions; 1000 is what we advise.
+/// The partitions of the topics routed to `database.table`, from `counts`
+/// (partitions per topic).
+pub fn partitions_into(
+    config: &Config,
+    database: &str,
+    table: &str,
+    counts: &HashMap<String, usize>,
+) -> usize {
+    let mut topics: Vec<&String> = (0..config.routes.len())
+        .filter(|&i| config.route_table(i) == (database.to_string(), table.to_string()))
+        .flat_map(|i| &config.routes[i].topics)
+        .collect();
+    topics.sort();
+    topics.dedup();
+    topics
+        .iter()
+        .map(|t| counts.get(*t).copied().unwrap_or(0))
+        .sum()
+}
+
+/// The least window accepted whatever the configuration: bisection inserts
+/// and rebalances of a few partitions add inserts the formula leaves out.
 pub const MIN_DEDUP_WINDOW: u64 = 100;
 
 /// Finds `name = N` in an engine's SETTINGS clause.
@@ -421,6 +573,21 @@ mod tests {
         assert_eq!(r.token("g"), "chbridge|g|db.t|ev|3|100-199");
     }
 
+    fn needs(partitions: usize) -> DedupNeeds {
+        DedupNeeds {
+            partitions,
+            horizon: Duration::from_secs(12),
+            max_wait: Duration::from_millis(500),
+            max_rows: 100_000,
+            max_bytes: 16 << 20,
+        }
+    }
+
+    const BLOCKS: BlockLimits = BlockLimits {
+        max_insert_block_size: 1_048_449,
+        max_insert_block_size_bytes: 0,
+    };
+
     #[test]
     fn tables_without_a_dedup_window_are_refused_with_the_fix() {
         let p = table_problem(
@@ -428,20 +595,23 @@ mod tests {
             "MergeTree ORDER BY id SETTINGS index_granularity = 8192",
             |_| 0,
             "db.t",
-        )
-        .unwrap();
+            &needs(4),
+            &BLOCKS,
+        );
         assert!(
-            p.contains("ALTER TABLE db.t MODIFY SETTING non_replicated_deduplication_window"),
-            "{p}"
+            p[0].contains("ALTER TABLE db.t MODIFY SETTING non_replicated_deduplication_window"),
+            "{p:?}"
         );
         assert_eq!(
             table_problem(
                 "MergeTree",
                 "MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 8192",
                 |_| 0,
-                "db.t"
+                "db.t",
+                &needs(4),
+                &BLOCKS,
             ),
-            None
+            Vec::<String>::new()
         );
         // One setting's name is the tail of the other's: never confused.
         assert_eq!(
@@ -451,18 +621,83 @@ mod tests {
             ),
             None
         );
-        assert!(table_problem("Memory", "Memory", |_| 0, "db.t")
-            .unwrap()
-            .contains("MergeTree-family"));
-        let server = |s: &str| u64::from(s == "replicated_deduplication_window") * 1000;
-        assert_eq!(
-            table_problem(
-                "ReplicatedMergeTree",
-                "ReplicatedMergeTree('/t', 'r') ORDER BY id",
-                server,
-                "db.t"
-            ),
-            None
+        assert!(
+            table_problem("Memory", "Memory", |_| 0, "db.t", &needs(4), &BLOCKS)[0]
+                .contains("MergeTree-family")
         );
+        let server = |s: &str| match s {
+            "replicated_deduplication_window" => 1000,
+            "replicated_deduplication_window_seconds" => 3600,
+            _ => 0,
+        };
+        assert!(table_problem(
+            "ReplicatedMergeTree",
+            "ReplicatedMergeTree('/t', 'r') ORDER BY id",
+            server,
+            "db.t",
+            &needs(4),
+            &BLOCKS,
+        )
+        .is_empty());
+    }
+
+    /// Item 4 of the delivery review: a window of 100 was accepted whatever
+    /// the partitions, the batching and the session timeout; the window in
+    /// seconds was not looked at; a batch could be larger than an insert block.
+    #[test]
+    fn the_window_exactly_once_needs_comes_from_the_configuration() {
+        // 4 partitions x (12 s / 500 ms + 1) = 100; 40 partitions: 1000.
+        assert_eq!(needs(4).window(), 100);
+        assert_eq!(needs(40).window(), 1000);
+        let p = table_problem(
+            "MergeTree",
+            "MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 100",
+            |_| 0,
+            "db.t",
+            &needs(40),
+            &BLOCKS,
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("at least 1000 (40 partitions x (ceil(12s") && p[0].contains("it is 100"),
+            "{p:?}"
+        );
+        let server = |s: &str| match s {
+            "replicated_deduplication_window" => 10_000,
+            "replicated_deduplication_window_seconds" => 10,
+            _ => 0,
+        };
+        let p = table_problem(
+            "ReplicatedMergeTree",
+            "ReplicatedMergeTree('/t', 'r') ORDER BY id",
+            server,
+            "db.t",
+            &needs(4),
+            &BLOCKS,
+        );
+        assert!(
+            p.len() == 1 && p[0].contains("replicated_deduplication_window_seconds of at least 24"),
+            "{p:?}"
+        );
+        let small = BlockLimits {
+            max_insert_block_size: 10_000,
+            max_insert_block_size_bytes: 1 << 20,
+        };
+        let p = table_problem(
+            "MergeTree",
+            "MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 1000",
+            |_| 0,
+            "db.t",
+            &needs(4),
+            &small,
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].contains(
+                "batch.max_rows = 100000 is more than ClickHouse's max_insert_block_size = 10000"
+            ),
+            "{p:?}"
+        );
+        assert!(p[1].contains("batch.max_bytes"), "{p:?}");
     }
 }

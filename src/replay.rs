@@ -231,7 +231,7 @@ impl Job {
                     .unwrap_or_default()
             };
             let origin_topic = header(H_TOPIC);
-            if header(H_TABLE) != self.table || !self.topics.iter().any(|t| *t == origin_topic) {
+            if header(H_TABLE) != self.table || !self.topics.contains(&origin_topic) {
                 report.other += 1;
                 continue;
             }

@@ -103,6 +103,36 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// The partition count of each of `topics` (0 for one that does not
+/// exist), from the brokers' metadata. Blocking.
+pub fn partition_counts(
+    cfg: &KafkaConfig,
+    topics: &[String],
+) -> Result<std::collections::HashMap<String, usize>, String> {
+    use rdkafka::consumer::Consumer as _;
+    let consumer: rdkafka::consumer::BaseConsumer = client_config(cfg)
+        .create()
+        .map_err(|e| describe_client_error(&e))?;
+    let mut out = std::collections::HashMap::new();
+    for t in topics {
+        let meta = consumer
+            .fetch_metadata(Some(t), std::time::Duration::from_secs(10))
+            .map_err(|e| {
+                format!(
+                    "cannot read the metadata of topic {t} from {}: {e}",
+                    cfg.brokers
+                )
+            })?;
+        let n = meta
+            .topics()
+            .first()
+            .filter(|m| m.error().is_none())
+            .map_or(0, |m| m.partitions().len());
+        out.insert(t.clone(), n);
+    }
+    Ok(out)
+}
+
 /// `chbridge-<instance id>`, else `chbridge-<host name>` (the pod name in
 /// Kubernetes), else `chbridge`.
 fn client_id(cfg: &KafkaConfig) -> String {

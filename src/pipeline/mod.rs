@@ -191,7 +191,7 @@ pub async fn run(
             Err(PipelineError::Unavailable(why)) => {
                 let wait = sink::backoff(&config.retry, attempt);
                 attempt += 1;
-                tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "ClickHouse unavailable at start; retrying");
+                tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "ClickHouse unavailable at start (or Kafka, for exactly-once's checks); retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(Outcome { drained: true }),
                     _ = tokio::time::sleep(wait) => {}
@@ -434,9 +434,25 @@ async fn prepare_exactly_once(
 ) -> Result<StateStore, PipelineError> {
     let store = StateStore::new(client.clone(), config.state_table(), &config.kafka.group_id)
         .with_timeout(config.clickhouse.insert_timeout);
-    let tables: Vec<(String, String)> = schemas
+    // What each table's deduplication must keep up with depends on how many
+    // partitions feed it.
+    let kafka = config.kafka.clone();
+    let topics = config.topics();
+    let counts =
+        tokio::task::spawn_blocking(move || crate::kafka::partition_counts(&kafka, &topics))
+            .await
+            .map_err(|e| PipelineError::Internal(format!("metadata lookup failed: {e}")))?
+            .map_err(PipelineError::Unavailable)?;
+    let tables: Vec<(String, String, exactly_once::DedupNeeds)> = schemas
         .iter()
-        .map(|s| (s.database.clone(), s.table.clone()))
+        .map(|s| {
+            let partitions = exactly_once::partitions_into(config, &s.database, &s.table, &counts);
+            (
+                s.database.clone(),
+                s.table.clone(),
+                exactly_once::DedupNeeds::of(config, partitions),
+            )
+        })
         .collect();
     let problems = exactly_once::table_problems(client, &tables)
         .await

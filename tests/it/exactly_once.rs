@@ -38,13 +38,15 @@ fn setup(name: &str, commit_interval: &str) -> (String, String, String, BridgeCo
 fn a_crash_with_nothing_committed_duplicates_nothing() {
     let (db, topic, group, cfg) = setup("eos_nocommit", "1h");
     let prod = TestProducer::new();
-    produce_simple(&prod, &topic, PARTITIONS, 0, 20_000);
+    // Two batches or more per partition (batch.max_rows is 5000): the
+    // restart skips the first and replays the last.
+    produce_simple(&prod, &topic, PARTITIONS, 0, 40_000);
     prod.flush();
     let dir = test_dir(&db);
     let count = || ch_u64(&format!("SELECT count() FROM {db}.t"));
     let mut bridge = Bridge::start(&cfg, &dir);
     assert!(
-        wait_until(Duration::from_secs(60), || count() == 20_000),
+        wait_until(Duration::from_secs(60), || count() == 40_000),
         "rows did not land; log:\n{}",
         bridge.log_text()
     );
@@ -54,30 +56,65 @@ fn a_crash_with_nothing_committed_duplicates_nothing() {
         vec![-1; PARTITIONS as usize],
         "nothing may be committed yet with a 1h commit interval"
     );
+    let ranges = || {
+        ch(&format!(
+            "SELECT partition, argMax(first, (first, written)), argMax(last, (first, written)) \
+             FROM {db}.state WHERE group = '{group}' GROUP BY partition ORDER BY partition FORMAT CSV"
+        ))
+    };
+    let before = ranges();
     let bridge = Bridge::start(&cfg, &dir);
     // Everything is read again from the start...
     assert!(
         wait_until(Duration::from_secs(60), || bridge
             .metric("chbridge_records_consumed_total", "")
-            >= 20_000.0),
+            >= 40_000.0),
         "restart did not read the records again; log:\n{}",
         bridge.log_text()
     );
+    // ...the last recorded range of every partition is cut again and
+    // inserted with its token (it was in: ClickHouse drops it), everything
+    // below it is skipped...
+    assert!(
+        wait_until(Duration::from_secs(30), || bridge
+            .metric("chbridge_exactly_once_replays_total", "")
+            >= PARTITIONS as f64),
+        "the recorded ranges were not replayed: {} replays; log:\n{}",
+        bridge.metric("chbridge_exactly_once_replays_total", ""),
+        bridge.log_text()
+    );
     thread::sleep(Duration::from_secs(2));
+    let log = bridge.log_text();
+    assert_eq!(
+        log.matches("replaying the last recorded batch with its token")
+            .count(),
+        PARTITIONS as usize,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("are in the table already and are skipped")
+            .count(),
+        PARTITIONS as usize,
+        "{log}"
+    );
+    assert_eq!(
+        ranges(),
+        before,
+        "the replays recorded the same ranges again"
+    );
     // ...and nothing lands twice.
-    assert_eq!(count(), 20_000, "log:\n{}", bridge.log_text());
-    assert!(bridge.log_text().contains("exactly-once"));
+    assert_eq!(count(), 40_000, "log:\n{log}");
     // New records still flow.
-    produce_simple(&prod, &topic, PARTITIONS, 20_000, 5_000);
+    produce_simple(&prod, &topic, PARTITIONS, 40_000, 5_000);
     prod.flush();
     assert!(
-        wait_until(Duration::from_secs(60), || count() >= 25_000),
+        wait_until(Duration::from_secs(60), || count() >= 45_000),
         "new rows did not land; log:\n{}",
         bridge.log_text()
     );
     thread::sleep(Duration::from_secs(1));
-    assert_eq!(count(), 25_000);
-    assert_eq!(ch_u64(&format!("SELECT uniqExact(id) FROM {db}.t")), 25_000);
+    assert_eq!(count(), 45_000);
+    assert_eq!(ch_u64(&format!("SELECT uniqExact(id) FROM {db}.t")), 45_000);
     // The state table holds the last range of every partition.
     assert_eq!(
         ch_u64(&format!(
@@ -154,6 +191,61 @@ fn repeated_kill_9_mid_stream_loses_and_duplicates_nothing() {
     drop_database(&db);
 }
 
+/// The state table's SQL against the real server (the unit tests use an
+/// in-memory store with the same rule): the latest range of each (table,
+/// topic, partition) is the one with the highest `first`, the newest write
+/// among equal ones (a range decoded again after a table change), per group;
+/// `clear` forgets one topic or all.
+#[test]
+fn the_state_table_keeps_the_latest_range_of_every_partition() {
+    use chbridge::exactly_once::{BatchRange, StateStore};
+    let db = unique("it_state");
+    create_database(&db);
+    let client = clickhouse::Client::default()
+        .with_url(format!("http://127.0.0.1:{}", ch_port()))
+        .with_setting("async_insert", "0");
+    let store = StateStore::new(client.clone(), (db.clone(), "state".into()), "g");
+    let other = StateStore::new(client, (db.clone(), "state".into()), "h");
+    let range = |topic: &str, partition, first, last| BatchRange {
+        table: "db.t".into(),
+        topic: topic.into(),
+        partition,
+        first,
+        last,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        store.ensure().await.unwrap();
+        store
+            .record(&[range("a", 0, 0, 9), range("a", 1, 0, 4)])
+            .await
+            .unwrap();
+        store.record(&[range("a", 0, 10, 19)]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store.record(&[range("a", 0, 10, 15)]).await.unwrap();
+        store.record(&[range("b", 0, 3, 7)]).await.unwrap();
+        other.record(&[range("a", 0, 100, 199)]).await.unwrap();
+        let latest = store.latest(&["a".to_string()]).await.unwrap();
+        let mut got: Vec<_> = latest.into_iter().collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (("db.t".to_string(), "a".to_string(), 0), (10, 15)),
+                (("db.t".to_string(), "a".to_string(), 1), (0, 4)),
+            ]
+        );
+        assert_eq!(store.clear(Some("a")).await.unwrap(), 4);
+        assert!(store.latest(&["a".to_string()]).await.unwrap().is_empty());
+        assert_eq!(store.latest(&["b".to_string()]).await.unwrap().len(), 1);
+        assert_eq!(other.latest(&["a".to_string()]).await.unwrap().len(), 1);
+    });
+    drop_database(&db);
+}
+
 #[test]
 fn check_names_what_a_table_lacks_for_exactly_once() {
     let (db, _topic, _group, cfg) = setup("eos_check", "1s");
@@ -174,6 +266,14 @@ fn check_names_what_a_table_lacks_for_exactly_once() {
     assert!(
         text.contains(&format!(
             "ALTER TABLE {db}.plain MODIFY SETTING non_replicated_deduplication_window = 1000"
+        )),
+        "{text}"
+    );
+    // What the window must be, and why, from the configuration.
+    assert!(
+        text.contains(&format!(
+            "exactly-once: {db}.plain must remember at least 300 insert tokens \
+             (4 partitions x (ceil(22s session timeout and shutdown_timeout / 300ms batch.max_wait) + 1))"
         )),
         "{text}"
     );
