@@ -237,3 +237,70 @@ fn a_route_over_its_failure_ratio_stops_alone() {
     assert_eq!(ch_u64(&format!("SELECT count() FROM {db}.t")), 0);
     drop_database(&db);
 }
+
+/// Item 9 of the delivery review: a broken materialized view makes
+/// ClickHouse refuse every row, and splitting the batch to find "bad rows"
+/// would insert the table's part once per split (ClickHouse writes the table
+/// before its views) and dead-letter every record, with max_failed_ratio = 1
+/// never failing the batch. The bridge must stop, name the view, dead-letter
+/// nothing and commit nothing of the batch.
+#[test]
+fn a_broken_materialized_view_stops_the_bridge_instead_of_dead_lettering_every_row() {
+    let db = unique("it_view");
+    let topic = unique("view");
+    let dlq = unique("view_dlq");
+    let group = unique("g_view");
+    create_database(&db);
+    ch(&format!("CREATE TABLE {db}.t {SIMPLE_TABLE}"));
+    ch(&format!(
+        "CREATE TABLE {db}.agg (id UInt64) ENGINE = MergeTree ORDER BY id"
+    ));
+    ch(&format!(
+        "CREATE MATERIALIZED VIEW {db}.mv TO {db}.agg AS \
+         SELECT id + throwIf(id >= 0, 'the view is broken') AS id FROM {db}.t"
+    ));
+    create_topic(&topic, 1);
+    create_topic(&dlq, 1);
+    let prod = TestProducer::new();
+    produce_simple(&prod, &topic, 1, 0, 200);
+    prod.flush();
+    let cfg = BridgeConfig::new(
+        &group,
+        &db,
+        &format!(
+            "[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\non_error = \"dead-letter\"\n\
+             dead_letter_topic = \"{dlq}\"\nmax_failed_ratio = 1.0\n"
+        ),
+    );
+    let dir = test_dir(&db);
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let status = bridge.wait(Duration::from_secs(60));
+    let log = bridge.log_text();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "log:\n{log}");
+    assert!(
+        log.contains("while pushing to view") && log.contains("fix the view"),
+        "the error must name the view; log:\n{log}"
+    );
+    assert!(
+        committed(&group, &topic, 1)[0] <= 0,
+        "committed past the batch: {:?}",
+        committed(&group, &topic, 1)
+    );
+    // No split: the table holds each row at most once (ClickHouse kept the
+    // first attempt's part), and the dead-letter topic holds nothing.
+    assert!(
+        ch_u64(&format!("SELECT count() FROM {db}.t")) <= 200,
+        "the batch was split and its parts inserted again"
+    );
+    assert_eq!(ch_u64(&format!("SELECT count() - uniqExact(id) FROM {db}.t")), 0);
+    let c: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    use rdkafka::consumer::Consumer;
+    let (_, high) = c
+        .fetch_watermarks(&dlq, 0, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(high, 0, "rows were dead-lettered for the view's failure");
+    drop_database(&db);
+}
