@@ -450,3 +450,63 @@ fn an_unreachable_registry_stops_the_bridge_without_losing_a_record() {
         "a schema was fetched more than once: {stats}"
     );
 }
+
+/// Item 10 of the delivery review: one record naming a schema id the
+/// registry does not have stopped the bridge whatever on_error said. It is
+/// the record that is corrupt: it goes where the route says (here the
+/// dead-letter topic) and the others land.
+#[test]
+fn a_record_naming_an_unknown_schema_follows_the_routes_policy() {
+    let db = unique("regid");
+    ch(&format!("CREATE DATABASE {db}"));
+    ch(&format!(
+        "CREATE TABLE {db}.avro ({COLUMNS}) ENGINE = MergeTree ORDER BY id"
+    ));
+    ch(&format!(
+        "CREATE TABLE {db}.avro_expected ({COLUMNS}) ENGINE = MergeTree ORDER BY id"
+    ));
+    let group = unique("regid-group");
+    let dir = test_dir(&group);
+    let registry = Registry::start(&dir, false);
+    let topic = unique("regid");
+    let dlq = unique("regid_dlq");
+    create_topic(&topic, 1);
+    create_topic(&dlq, 1);
+    let (expected, _) = produce(&dir, &topic, "avro", Some(&registry), None);
+    let lines = std::fs::read_to_string(&expected).unwrap();
+    ch(&format!(
+        "INSERT INTO {db}.avro_expected FORMAT JSONEachRow\n{lines}"
+    ));
+    // Confluent framing naming schema id 999999, which nobody registered.
+    let p = TestProducer::new();
+    let corrupt = [0u8, 0x00, 0x0f, 0x42, 0x3f, 2, b'x'];
+    for i in 0..3 {
+        p.send(&topic, Some(0), 9_000_000 + i, &corrupt);
+    }
+    p.flush();
+    let routes = format!(
+        "[[routes]]\ntopics = [\"{topic}\"]\ntable = \"avro\"\nformat = \"avro\"\nflatten = \"_\"\n\
+         on_error = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n"
+    );
+    let mut cfg = BridgeConfig::new(&group, &db, &routes);
+    cfg.extra = format!(
+        "[schema_registry]\nurl = \"{}\"\nusername = \"bridge\"\npassword = \"s3cret-pw\"\n",
+        registry.url
+    );
+    let mut bridge = Bridge::start(&cfg, &dir);
+    let done = wait_until(Duration::from_secs(60), || {
+        ch_u64(&format!("SELECT count() FROM {db}.avro")) >= ROWS
+            && committed(&group, &topic, 1) == vec![ROWS as i64 + 3]
+    });
+    let log = bridge.log_text();
+    let unknown = bridge.metric("chbridge_records_failed_total", "reason=\"unknown_schema\"");
+    let running = bridge.child.try_wait().ok().flatten().is_none();
+    bridge.signal(libc::SIGTERM);
+    bridge.wait(Duration::from_secs(30));
+    assert!(running && done, "the bridge stopped or did not commit to the end:\n{log}");
+    assert_eq!(unknown, 3.0, "{log}");
+    compare(&db, "avro", COMPARED);
+    let letters = read_topic(&dlq, 3, Duration::from_secs(30));
+    use rdkafka::message::Message;
+    assert!(letters.iter().all(|m| m.payload() == Some(&corrupt[..])));
+}
