@@ -15,8 +15,18 @@ is frozen and more replicas join and leave. Then one bridge drains everything,
 and every table is compared id by id with what the broker acknowledged, and
 the dead-letter topic with the bad records.
 
-The last line of each mode is
-    chaos: produced=N lost=L duplicated=D mode=MODE faults=F
+Each mode runs several scenarios, each from scratch: "classic" (the faults
+above, shuffled) and one per delivery fault of the review that must not lose
+or repeat a row: "stop-restart" (on_error = "stop" stops the bridge on a bad
+record; it is restarted with dead letters), "dlq-freeze" (the broker frozen
+while dead letters are being sent, then kill -9), "ch-down-rebalance"
+(ClickHouse killed while a second replica joins and leaves), "alter" (ALTER
+TABLE ... ADD / MODIFY / DROP COLUMN under load) and "replay-kills" (kill -9
+during exactly-once replays with a 256 KiB memory budget). --short runs
+classic, stop-restart and dlq-freeze with a small volume.
+
+The last line of each scenario is
+    chaos: produced=N lost=L duplicated=D mode=MODE scenario=S faults=F
 and target/chaos/result.json holds every run. The exit status is 1 if any run
 lost a row, holds a row it should not, misses a dead letter, did not drain or
 could not be carried out, or duplicated a row in exactly-once mode.
@@ -35,6 +45,7 @@ import shutil
 import signal
 import string
 import sys
+import queue
 import threading
 import time
 import traceback
@@ -93,6 +104,12 @@ FULL = Profile(rate=3000, warmup_s=10, gap_s=(4, 12), tail_s=5, kills=12, ch_sto
 SHORT = Profile(rate=500, warmup_s=4, gap_s=(1.5, 3), tail_s=2, kills=2, ch_stop_s=5,
                 broker_freeze_s=5, extra_replicas=1, scale_hold_s=6, ch_freeze_s=7,
                 drain_timeout_s=60, deadline_s=3 * 60)
+
+# The scenarios of each profile (see the module's doc).
+SCENARIOS = {
+    "full": ("classic", "stop-restart", "dlq-freeze", "ch-down-rebalance", "alter", "replay-kills"),
+    "short": ("classic", "stop-restart", "dlq-freeze"),
+}
 
 
 def say(msg):
@@ -165,6 +182,8 @@ class Feed(threading.Thread):
         self.failed = 0
         self.stopping = threading.Event()
         self.error = None
+        # Bad records asked for by a fault (kind), sent by this thread.
+        self.injections = queue.Queue()
 
     @property
     def produced(self):
@@ -178,6 +197,8 @@ class Feed(threading.Thread):
             while not self.stopping.is_set():
                 now = time.monotonic()
                 tokens, last = min(tokens + (now - last) * self.rate, self.rate / 2), now
+                while not self.injections.empty():
+                    self.send_one(self.injections.get())
                 while tokens >= 1 and not self.stopping.is_set():
                     self.send_one()
                     tokens -= 1
@@ -185,7 +206,12 @@ class Feed(threading.Thread):
         except Exception as e:  # reported by the main thread's supervision
             self.error = repr(e)
 
-    def send_one(self):
+    def inject(self, kind, n=1):
+        """Asks for n bad records of `kind` (sent by the feed's own thread)."""
+        for _ in range(n):
+            self.injections.put(kind)
+
+    def send_one(self, forced=None):
         rng = self.rng
         topic = "chaos_a" if rng.random() < 0.5 else "chaos_b"
         seq = len(self.status[topic])
@@ -193,7 +219,7 @@ class Feed(threading.Thread):
         rid = "%s-%09d" % (PREFIX[topic], seq)
         part = seq % PARTITIONS
         v = rng.randint(-1000000, 1000000)
-        kind = rng.choice(self.bad_kinds) if rng.random() < BAD_RATIO else None
+        kind = forced or (rng.choice(self.bad_kinds) if rng.random() < BAD_RATIO else None)
         if kind == "type":
             v = rng.choice(['"notanumber"', str(2 ** 31 + rng.randint(0, 10 ** 6))])
         elif kind == "check":
@@ -242,12 +268,12 @@ class Feed(threading.Thread):
 class Run:
     """One mode: private servers, faults while producing, drain, comparison."""
 
-    def __init__(self, mode, args, profile):
-        self.mode, self.args, self.profile = mode, args, profile
+    def __init__(self, mode, args, profile, scenario="classic"):
+        self.mode, self.args, self.profile, self.scenario = mode, args, profile, scenario
         self.t0 = time.monotonic()
         self.deadline = self.t0 + profile.deadline_s
-        self.rng = random.Random("%s/faults/%s" % (args.seed, mode))
-        self.dir = os.path.join(OUT, mode)
+        self.rng = random.Random("%s/faults/%s/%s" % (args.seed, mode, scenario))
+        self.dir = os.path.join(OUT, mode, scenario)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
         ports = free_ports(3 + 1 + profile.extra_replicas)
@@ -256,28 +282,34 @@ class Run:
         self.replicas = {}
         for n, port in enumerate(ports[3:], start=1):
             config = os.path.join(self.dir, "bridge-%d.toml" % n)
-            with open(config, "w") as f:
-                f.write(self.bridge_config(port))
             self.replicas[n] = Replica(n, args.bin, config, port, self.dir)
+            self.reconfigure(self.replicas[n])
         self.feed = None
         self.faults = []
         self.unexpected_exits = []
+        # Replicas a fault expects to exit by themselves: n -> exit code (None until it exits).
+        self.expected_exits = {}
         # True while ClickHouse is down on purpose: supervision leaves it alone.
         self.ch_down = False
 
     def now(self):
         return round(time.monotonic() - self.t0, 1)
 
-    def bridge_config(self, http_port):
-        route_error = ('on_error = "dead-letter"\ndead_letter_topic = "%s"' % DLQ
-                       if self.args.on_error == "dead-letter" else 'on_error = "skip"')
+    def reconfigure(self, r, on_error=None, budget="32MiB", max_bytes="16MiB"):
+        """Writes replica r's configuration (read at its next start)."""
+        with open(r.config, "w") as f:
+            f.write(self.bridge_config(r.http_port, on_error or self.args.on_error, budget, max_bytes))
+
+    def bridge_config(self, http_port, on_error, budget, max_bytes):
+        route_error = {"dead-letter": 'on_error = "dead-letter"\ndead_letter_topic = "%s"' % DLQ,
+                       "skip": 'on_error = "skip"', "stop": 'on_error = "stop"'}[on_error]
         routes = "".join('[[routes]]\ntopics = [%s]\ntable = "%s"\n%s\n'
                          % (", ".join('"%s"' % t for t in PREFIX if table in TABLES_OF[t]), table, route_error)
                          for table in TABLES)
         # delivery is a new key: written only when not the default, so that
         # at-least-once runs also work with a binary that predates it.
         return """{delivery}shutdown_timeout = "{shutdown}s"
-max_buffered_bytes = "32MiB"
+max_buffered_bytes = "{budget}"
 
 [kafka]
 brokers = "{brokers}"
@@ -294,6 +326,7 @@ insert_timeout = "5s"
 
 [batch]
 max_rows = 20000
+max_bytes = "{max_bytes}"
 max_wait = "200ms"
 
 [retry]
@@ -307,7 +340,8 @@ listen = "127.0.0.1:{http}"
 level = "info,librdkafka=warn"
 
 {routes}""".format(delivery='delivery = "exactly-once"\n' if self.mode == "exactly-once" else "",
-                   shutdown=SHUTDOWN_TIMEOUT_S, brokers=self.broker.address, mode=self.mode,
+                   shutdown=SHUTDOWN_TIMEOUT_S, budget=budget, max_bytes=max_bytes,
+                   brokers=self.broker.address, mode=self.mode,
                    ch=self.ch.http_port, http=http_port, routes=routes)
 
     # -- supervision: every wait of the main thread goes through here
@@ -324,8 +358,11 @@ level = "info,librdkafka=warn"
         for r in self.replicas.values():
             if r.proc is None or r.proc.poll() is None:
                 continue
-            # A finding, not a fault of ours: recorded, then the replica is restarted.
             code = r.release().returncode
+            if r.n in self.expected_exits:  # a fault waits for this exit
+                self.expected_exits[r.n] = code
+                continue
+            # A finding, not a fault of ours: recorded, then the replica is restarted.
             self.unexpected_exits.append({"replica": r.n, "exit_code": code, "at_s": self.now(),
                                           "log": os.path.relpath(r.log, REPO)})
             say("bridge %d exited by itself with code %s at %.1fs (see %s)"
@@ -501,8 +538,124 @@ level = "info,librdkafka=warn"
             stops.append("replica %d kill -9" % killed.n)
         return "1->%d->1, %s; %s" % (1 + len(extra), owning, "; ".join(stops))
 
+    # -- the delivery faults of the review, one scenario each
+
+    def stop_restart(self):
+        """on_error = "stop": a bad record stops the bridge (the commit stays
+        below it, and with exactly-once no recorded range may claim it); the
+        operator switches the route to dead letters and starts it again: the
+        record must reach the dead-letter topic, every other row its table."""
+        r = self.replicas[1]
+        self.stop_replica(r)
+        self.reconfigure(r, on_error="stop")
+        # The first bad record stops it (one of the feed's, or this one).
+        self.expected_exits[r.n] = None
+        r.start()
+        self.wait(1)
+        self.feed.inject("type")
+        self.until(lambda: self.expected_exits[r.n] is not None, 60, "bridge 1 stopping on a bad record")
+        code = self.expected_exits.pop(r.n)
+        if code != 2:
+            raise RunError("bridge 1 stopped on a bad record with exit %s, not 2 (see %s)"
+                           % (code, os.path.relpath(r.log, REPO)))
+        self.wait(self.rng.uniform(0.5, 2))
+        self.reconfigure(r)
+        r.start()
+        return "stopped on a bad record (exit 2), restarted with on_error = %s" % self.args.on_error
+
+    def dlq_freeze(self):
+        """Dead letters in flight when the broker freezes, then kill -9: their
+        offsets (and, exactly-once, every range at or after them) must not be
+        committed or recorded past them."""
+        r = self.replicas[1]
+        details = []
+        for delay in (0.1, 0.3, 0.6):
+            self.feed.inject("malformed", 30)  # dead letters sent by the consumer thread
+            self.feed.inject("check", 10)      # refused by ClickHouse: sent by the sink
+            self.wait(delay)
+            signal_group(self.broker.proc, signal.SIGSTOP)
+            try:
+                self.wait(2)
+                self.kill_replica(r)
+            finally:
+                signal_group(self.broker.proc, signal.SIGCONT)
+            self.wait(self.rng.uniform(0.5, 2))
+            r.start()
+            self.wait(3)
+            details.append("%.1fs" % delay)
+        return "40 bad records, broker SIGSTOP %s later for 2s, kill -9 during it; x3" % "/".join(details)
+
+    def ch_down_rebalance(self):
+        """ClickHouse down while a second replica joins and leaves: the
+        revocation drains cannot finish, inserts are being retried on both
+        sides, and a partition's old owner must not insert what its new owner
+        inserts."""
+        r1, r2 = self.replicas[1], self.replicas[2]
+        r2.start()
+        self.until(lambda: (r2.metric(ASSIGNED_METRIC) or 0) > 0, 30, "bridge 2 owning partitions")
+        self.wait(2)
+        self.ch_down = True
+        self.ch.kill9()
+        self.wait(1)
+        stop = self.stop_replica(r2)   # its revocation cannot drain
+        self.wait(3)
+        r2.start()                     # and joins again while ClickHouse is down
+        self.wait(6)
+        self.ch.start()
+        self.until(self.ch.ready, 60, "ClickHouse ready after restart")
+        self.ch_down = False
+        self.wait(4)
+        stop2 = self.stop_replica(r2)
+        return "1->2 replicas, ClickHouse kill -9, %s, rejoin, ClickHouse back, %s; replica 1 %s" % (
+            stop, stop2, "running" if r1.proc is not None else "down")
+
+    def alter(self):
+        """The tables change under load: rows not inserted yet are decoded
+        again for the new columns."""
+        done = []
+        for stmt in ("ADD COLUMN note String DEFAULT 'n'", "MODIFY COLUMN seq Int64",
+                     "DROP COLUMN note", "MODIFY COLUMN part UInt16"):
+            for t in TABLES:
+                self.ch.query("ALTER TABLE %s %s" % (t, stmt))
+            done.append(stmt.split(" COLUMN ")[0].lower())
+            self.wait(self.rng.uniform(*self.profile.gap_s))
+        return "ALTER TABLE %s on both tables" % ", ".join(done)
+
+    def replay_kills(self):
+        """kill -9, a backlog, and a restart with a 256 KiB budget: the
+        replays of the recorded ranges must complete although the tables are
+        full; kill -9 again during them."""
+        r = self.replicas[1]
+        details = []
+        for _ in range(3):
+            self.kill_replica(r)
+            self.wait(self.rng.uniform(2, 4))  # a backlog builds up
+            # Replays cut at ranges recorded with the larger batches of before.
+            self.reconfigure(r, budget="256KiB", max_bytes="64KiB")
+            r.start()
+            self.until(r.ready, 60, "bridge 1 ready (/readyz)", step=0.2)
+            if self.mode == "exactly-once":
+                self.until(lambda: (r.metric("chbridge_exactly_once_replays_total") or 0) > 0,
+                           30, "a replay after the restart")
+            self.wait(self.rng.uniform(0.1, 1.0))
+            replays = r.metric("chbridge_exactly_once_replays_total") or 0
+            details.append("%d replays" % replays)
+        self.kill_replica(r)
+        self.reconfigure(r)
+        self.wait(1)
+        r.start()
+        return "kill -9 then restart with max_buffered_bytes 256KiB, x3 (killed after %s)" % ", ".join(details)
+
     def faults_phase(self):
         p = self.profile
+        self.wait(p.warmup_s)
+        if self.scenario != "classic":
+            action = {"stop-restart": self.stop_restart, "dlq-freeze": self.dlq_freeze,
+                      "ch-down-rebalance": self.ch_down_rebalance, "alter": self.alter,
+                      "replay-kills": self.replay_kills}[self.scenario]
+            self.inject(self.scenario, action)
+            self.wait(p.tail_s)
+            return
         kill_kinds = ("after-insert", "mid-insert", "random")
         plan = [("kill9", lambda i=i: self.kill9(kill_kinds[i % 3])) for i in range(p.kills)]
         plan += [
@@ -514,7 +667,6 @@ level = "info,librdkafka=warn"
             ("clickhouse-freeze", lambda: self.freeze(self.ch.proc, p.ch_freeze_s, "ClickHouse")),
         ]
         self.rng.shuffle(plan)
-        self.wait(p.warmup_s)
         for kind, action in plan:
             self.inject(kind, action)
             self.wait(self.rng.uniform(*p.gap_s))
@@ -639,7 +791,7 @@ level = "info,librdkafka=warn"
     # -- the whole run
 
     def execute(self):
-        result = {"mode": self.mode, "produced": 0, "expected_rows": 0, "lost": None, "duplicated": None,
+        result = {"mode": self.mode, "scenario": self.scenario, "produced": 0, "expected_rows": 0, "lost": None, "duplicated": None,
                   "unexpected": None, "dlq_missing": None, "faults": self.faults,
                   "bridge_unexpected_exits": self.unexpected_exits, "duration_s": None, "failures": []}
         try:
@@ -703,6 +855,7 @@ def main():
     ap.add_argument("--mode", choices=("at-least-once", "exactly-once", "both"), default="both")
     ap.add_argument("--short", action="store_true", help="a few faults, a small volume (make test)")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--scenario", action="append", help="run only these scenarios (repeatable)")
     ap.add_argument("--on-error", choices=("dead-letter", "skip"), default="dead-letter",
                     help="the routes' on_error; skip also skips the dead-letter check")
     # For binaries that stop on a refused batch instead of bisecting it.
@@ -722,26 +875,40 @@ def main():
         os.remove(result_path)
     profile = SHORT if args.short else FULL
     modes = ("at-least-once", "exactly-once") if args.mode == "both" else (args.mode,)
+    scenarios = SCENARIOS["short" if args.short else "full"]
+    if args.scenario:
+        unknown = set(args.scenario) - set(SCENARIOS["full"])
+        if unknown:
+            sys.exit("chaos: unknown scenario(s) %s; known: %s" % (", ".join(sorted(unknown)),
+                                                                  ", ".join(SCENARIOS["full"])))
+        scenarios = tuple(args.scenario)
     runs = []
     for mode in modes:
-        say("%s: %s run, seed %d, %s" % (mode, "short" if args.short else "full", args.seed, args.bin))
-        r = Run(mode, args, profile).execute()
-        runs.append(r)
-        with open(result_path + ".tmp", "w") as f:
-            json.dump({"runs": runs}, f, indent=2)
-        os.replace(result_path + ".tmp", result_path)
-        for failure in r["failures"]:
-            say("%s: FAILED: %s" % (mode, failure))
-        exits = r["bridge_unexpected_exits"]
-        if exits:
-            say("%s: %d unexpected bridge exits (replica:code@time): %s%s"
-                % (mode, len(exits), ", ".join("%d:%s@%.1fs" % (e["replica"], e["exit_code"], e["at_s"])
-                                               for e in exits[:10]), ", ..." if len(exits) > 10 else ""))
-        say("%s: expected_rows=%d unexpected=%s dlq_missing=%s duration=%.1fs, details in %s"
-            % (mode, r["expected_rows"], fmt(r["unexpected"]), fmt(r["dlq_missing"]), r["duration_s"],
-               os.path.relpath(result_path, REPO)))
-        say("produced=%d lost=%s duplicated=%s mode=%s faults=%d"
-            % (r["produced"], fmt(r["lost"]), fmt(r["duplicated"]), mode, len(r["faults"])))
+        for scenario in scenarios:
+            say("%s/%s: %s run, seed %d, %s"
+                % (mode, scenario, "short" if args.short else "full", args.seed, args.bin))
+            r = Run(mode, args, profile, scenario).execute()
+            runs.append(r)
+            with open(result_path + ".tmp", "w") as f:
+                json.dump({"runs": runs}, f, indent=2)
+            os.replace(result_path + ".tmp", result_path)
+            for failure in r["failures"]:
+                say("%s/%s: FAILED: %s" % (mode, scenario, failure))
+            exits = r["bridge_unexpected_exits"]
+            if exits:
+                say("%s/%s: %d unexpected bridge exits (replica:code@time): %s%s"
+                    % (mode, scenario, len(exits), ", ".join("%d:%s@%.1fs" % (e["replica"], e["exit_code"], e["at_s"])
+                                                             for e in exits[:10]), ", ..." if len(exits) > 10 else ""))
+            say("%s/%s: expected_rows=%d unexpected=%s dlq_missing=%s duration=%.1fs, details in %s"
+                % (mode, scenario, r["expected_rows"], fmt(r["unexpected"]), fmt(r["dlq_missing"]), r["duration_s"],
+                   os.path.relpath(result_path, REPO)))
+            say("produced=%d lost=%s duplicated=%s mode=%s scenario=%s faults=%d"
+                % (r["produced"], fmt(r["lost"]), fmt(r["duplicated"]), mode, scenario, len(r["faults"])))
+    say("summary:")
+    for r in runs:
+        say("  %-13s %-18s produced=%-7d lost=%-4s duplicated=%-5s dlq_missing=%-4s %s"
+            % (r["mode"], r["scenario"], r["produced"], fmt(r["lost"]), fmt(r["duplicated"]),
+               fmt(r["dlq_missing"]), "ok" if not r["failures"] else "FAILED"))
     sys.exit(1 if any(r["failures"] for r in runs) else 0)
 
 

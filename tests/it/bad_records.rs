@@ -292,7 +292,10 @@ fn a_broken_materialized_view_stops_the_bridge_instead_of_dead_lettering_every_r
         ch_u64(&format!("SELECT count() FROM {db}.t")) <= 200,
         "the batch was split and its parts inserted again"
     );
-    assert_eq!(ch_u64(&format!("SELECT count() - uniqExact(id) FROM {db}.t")), 0);
+    assert_eq!(
+        ch_u64(&format!("SELECT count() - uniqExact(id) FROM {db}.t")),
+        0
+    );
     let c: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()

@@ -119,7 +119,10 @@ fn a_table_altered_five_ways_under_load_loses_and_misplaces_nothing() {
     bridge.signal(libc::SIGTERM);
     let status = bridge.wait(Duration::from_secs(30));
     assert!(all, "not every record landed:\n{log}");
-    assert!(drained, "chbridge_buffered_bytes stayed at {buffered}:\n{log}");
+    assert!(
+        drained,
+        "chbridge_buffered_bytes stayed at {buffered}:\n{log}"
+    );
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
 
     // Every record exactly once.
@@ -164,7 +167,9 @@ fn a_table_altered_five_ways_under_load_loses_and_misplaces_nothing() {
         "a value of the widened column is wrong"
     );
     assert_eq!(
-        ch_u64(&format!("SELECT countIf(g = {WIDE} + id) FROM {db}.t WHERE id >= {g_from}")),
+        ch_u64(&format!(
+            "SELECT countIf(g = {WIDE} + id) FROM {db}.t WHERE id >= {g_from}"
+        )),
         RECORDS - g_from
     );
     // The renamed column: rows inserted before the rename keep their value

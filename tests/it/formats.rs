@@ -503,7 +503,10 @@ fn a_record_naming_an_unknown_schema_follows_the_routes_policy() {
     let running = bridge.child.try_wait().ok().flatten().is_none();
     bridge.signal(libc::SIGTERM);
     bridge.wait(Duration::from_secs(30));
-    assert!(running && done, "the bridge stopped or did not commit to the end:\n{log}");
+    assert!(
+        running && done,
+        "the bridge stopped or did not commit to the end:\n{log}"
+    );
     assert_eq!(unknown, 3.0, "{log}");
     compare(&db, "avro", COMPARED);
     let letters = read_topic(&dlq, 3, Duration::from_secs(30));
