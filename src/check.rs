@@ -183,9 +183,11 @@ async fn check_exactly_once(
             let _ = writeln!(
                 text,
                 "exactly-once: state table {} does not exist yet; `chbridge run` creates it \
-                 (it needs CREATE TABLE on {db}), or create it yourself:\n  {}",
+                 and {} (it needs CREATE TABLE on {db}), or create them yourself:\n  {}\n  {}",
                 store.name(),
-                store.create_sql()
+                store.splits_name(),
+                store.create_sql(),
+                store.create_splits_sql()
             );
         }
         Err(e) => problems.push(format!(

@@ -45,8 +45,50 @@ impl BatchRange {
     }
 }
 
+/// How a part of a batch's range that ClickHouse refused as a whole was
+/// cut, its parts then inserted on their own. A part is an interval of
+/// record offsets (the rows of the records in it), so that it names the
+/// same records whatever the records decode to when the range is replayed.
+/// Recorded before the first of its parts is inserted: a replay cuts the
+/// range exactly the same way, and so never inserts whole (under a token
+/// ClickHouse has not seen) rows that already landed in a part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub lo: i64,
+    pub hi: i64,
+    /// Where it was cut: `single` cuts out the record at `at` (the row
+    /// ClickHouse named): [lo, at-1], [at, at], [at+1, hi]; otherwise it is
+    /// halved after `at`: [lo, at], [at+1, hi].
+    pub at: i64,
+    pub single: bool,
+}
+
+impl Split {
+    /// The parts, in the order they are inserted.
+    pub fn parts(&self) -> Vec<(i64, i64)> {
+        let all = if self.single {
+            vec![
+                (self.lo, self.at - 1),
+                (self.at, self.at),
+                (self.at + 1, self.hi),
+            ]
+        } else {
+            vec![(self.lo, self.at), (self.at + 1, self.hi)]
+        };
+        all.into_iter().filter(|(a, b)| a <= b).collect()
+    }
+}
+
+/// A recorded range and how it was split, if it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub first: i64,
+    pub last: i64,
+    pub splits: Vec<Split>,
+}
+
 /// The latest recorded range per (table, topic, partition).
-pub type LatestRanges = HashMap<(String, String, i32), (i64, i64)>;
+pub type LatestRanges = HashMap<(String, String, i32), Recorded>;
 
 /// What a [`RangeStore`] call returns.
 pub type StoreFuture<'a, T> =
@@ -64,6 +106,8 @@ pub trait RangeStore: Send + Sync {
     fn latest<'a>(&'a self, topics: &'a [String]) -> StoreFuture<'a, LatestRanges>;
     /// Records the ranges of batches about to be inserted.
     fn record<'a>(&'a self, ranges: &'a [BatchRange]) -> StoreFuture<'a, ()>;
+    /// Records how a part of `range` was split, before its parts are inserted.
+    fn record_split<'a>(&'a self, range: &'a BatchRange, split: Split) -> StoreFuture<'a, ()>;
 }
 
 impl RangeStore for StateStore {
@@ -75,6 +119,9 @@ impl RangeStore for StateStore {
     }
     fn record<'a>(&'a self, ranges: &'a [BatchRange]) -> StoreFuture<'a, ()> {
         Box::pin(StateStore::record(self, ranges))
+    }
+    fn record_split<'a>(&'a self, range: &'a BatchRange, split: Split) -> StoreFuture<'a, ()> {
+        Box::pin(StateStore::record_split(self, range, split))
     }
 }
 
@@ -88,6 +135,19 @@ pub struct StateStore {
     /// Bounds each write and read: a hung ClickHouse must not hold a sink
     /// task (or an assignment) longer than an insert may take.
     timeout: std::time::Duration,
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct SplitRow {
+    table: String,
+    topic: String,
+    partition: i32,
+    first: i64,
+    last: i64,
+    lo: i64,
+    hi: i64,
+    at: i64,
+    single: u8,
 }
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -132,6 +192,33 @@ impl StateStore {
         )
     }
 
+    /// The table of splits beside the state table (`<state table>_splits`).
+    pub fn splits_name(&self) -> String {
+        format!("{}.{}_splits", self.database, self.table)
+    }
+
+    fn qualified_splits(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.database),
+            quote_ident(&format!("{}_splits", self.table))
+        )
+    }
+
+    /// The DDL of the splits table: how refused ranges were cut (rows only
+    /// for batches ClickHouse refused, kept 30 days).
+    pub fn create_splits_sql(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (\
+             `group` String, `table` String, `topic` String, `partition` Int32, \
+             `first` Int64, `last` Int64, `lo` Int64, `hi` Int64, `at` Int64, `single` UInt8, \
+             `written` DateTime64(3) DEFAULT now64(3)) \
+             ENGINE = MergeTree ORDER BY (`group`, `table`, `topic`, `partition`, `first`, `lo`, `hi`) \
+             TTL toDateTime(`written`) + INTERVAL 30 DAY",
+            self.qualified_splits()
+        )
+    }
+
     /// The DDL of the state table. A ReplacingMergeTree keyed by the batch's
     /// (group, table, topic, partition) keeps one row per key once merged;
     /// readers take the row with the highest `first` either way.
@@ -146,12 +233,14 @@ impl StateStore {
         )
     }
 
-    /// Creates the state table if it does not exist.
+    /// Creates the state table and its splits table if they do not exist.
     pub async fn ensure(&self) -> Result<(), clickhouse::error::Error> {
-        self.client.query(&self.create_sql()).execute().await
+        self.client.query(&self.create_sql()).execute().await?;
+        self.client.query(&self.create_splits_sql()).execute().await
     }
 
-    /// The latest range of every (table, topic, partition) of this group among `topics`.
+    /// The latest range of every (table, topic, partition) of this group
+    /// among `topics`, with how it was split if it was.
     pub async fn latest(
         &self,
         topics: &[String],
@@ -172,15 +261,75 @@ impl StateStore {
         let rows = tokio::time::timeout(self.timeout, read)
             .await
             .map_err(|_| clickhouse::error::Error::TimedOut)??;
-        Ok(rows
+        let mut latest: LatestRanges = rows
             .into_iter()
             .map(|r| {
                 (
                     (r.table, r.topic, r.partition),
-                    (r.latest_first, r.latest_last),
+                    Recorded {
+                        first: r.latest_first,
+                        last: r.latest_last,
+                        splits: Vec::new(),
+                    },
                 )
             })
-            .collect())
+            .collect();
+        let sql = format!(
+            "SELECT DISTINCT `table`, `topic`, `partition`, `first`, `last`, `lo`, `hi`, `at`, `single` \
+             FROM {} WHERE `group` = ? AND has(?, `topic`) ORDER BY `lo`, `hi`",
+            self.qualified_splits()
+        );
+        let read = self
+            .client
+            .query(&sql)
+            .bind(&self.group)
+            .bind(topics)
+            .fetch_all::<SplitRow>();
+        let splits = tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| clickhouse::error::Error::TimedOut)??;
+        for r in splits {
+            if let Some(rec) = latest.get_mut(&(r.table, r.topic, r.partition)) {
+                if (rec.first, rec.last) == (r.first, r.last) {
+                    rec.splits.push(Split {
+                        lo: r.lo,
+                        hi: r.hi,
+                        at: r.at,
+                        single: r.single != 0,
+                    });
+                }
+            }
+        }
+        Ok(latest)
+    }
+
+    /// Records how a part of `range` was split (see [`Split`]).
+    pub async fn record_split(
+        &self,
+        range: &BatchRange,
+        split: Split,
+    ) -> Result<(), clickhouse::error::Error> {
+        let sql = format!(
+            "INSERT INTO {} (`group`, `table`, `topic`, `partition`, `first`, `last`, `lo`, `hi`, \
+             `at`, `single`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            self.qualified_splits()
+        );
+        let q = self
+            .client
+            .query(&sql)
+            .bind(&self.group)
+            .bind(&range.table)
+            .bind(&range.topic)
+            .bind(range.partition)
+            .bind(range.first)
+            .bind(range.last)
+            .bind(split.lo)
+            .bind(split.hi)
+            .bind(split.at)
+            .bind(u8::from(split.single));
+        tokio::time::timeout(self.timeout, q.execute())
+            .await
+            .map_err(|_| clickhouse::error::Error::TimedOut)?
     }
 
     /// Records the ranges of batches about to be inserted, in one insert.
@@ -232,6 +381,23 @@ impl StateStore {
         };
         let n: u64 = scoped("SELECT count() FROM").fetch_one().await?;
         scoped("DELETE FROM")
+            .with_setting("lightweight_deletes_sync", "2")
+            .execute()
+            .await?;
+        // And how their refused batches were split (the table may predate it).
+        self.client
+            .query(&self.create_splits_sql())
+            .execute()
+            .await?;
+        let topic = topic.unwrap_or("");
+        self.client
+            .query(&format!(
+                "DELETE FROM {} WHERE `group` = ? AND (? = '' OR `topic` = ?)",
+                self.qualified_splits()
+            ))
+            .bind(&self.group)
+            .bind(topic)
+            .bind(topic)
             .with_setting("lightweight_deletes_sync", "2")
             .execute()
             .await?;
@@ -497,12 +663,14 @@ pub mod memory {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
-    use super::{BatchRange, LatestRanges, RangeStore, StoreFuture};
+    use super::{BatchRange, LatestRanges, RangeStore, Recorded, Split, StoreFuture};
 
     #[derive(Default)]
     pub struct MemoryStore {
         /// Every range recorded, in order.
         pub written: Mutex<Vec<BatchRange>>,
+        /// Every split recorded, with its range.
+        pub splits: Mutex<Vec<(BatchRange, Split)>>,
         /// The next this many writes fail as timed out (a transient error).
         pub fail_writes: AtomicUsize,
         /// Calls of `latest`.
@@ -531,11 +699,30 @@ pub mod memory {
                 }
                 let key = (r.table.clone(), r.topic.clone(), r.partition);
                 // Later writes win among equal `first`s, as `written` makes them.
-                if out.get(&key).is_none_or(|&(f, _)| r.first >= f) {
-                    out.insert(key, (r.first, r.last));
+                if out.get(&key).is_none_or(|x| r.first >= x.first) {
+                    out.insert(
+                        key,
+                        Recorded {
+                            first: r.first,
+                            last: r.last,
+                            splits: Vec::new(),
+                        },
+                    );
+                }
+            }
+            for (r, s) in self.splits.lock().unwrap().iter() {
+                if let Some(x) = out.get_mut(&(r.table.clone(), r.topic.clone(), r.partition)) {
+                    if (x.first, x.last) == (r.first, r.last) && !x.splits.contains(s) {
+                        x.splits.push(*s);
+                    }
                 }
             }
             Box::pin(async move { Ok(out) })
+        }
+
+        fn record_split<'a>(&'a self, range: &'a BatchRange, split: Split) -> StoreFuture<'a, ()> {
+            self.splits.lock().unwrap().push((range.clone(), split));
+            Box::pin(async move { Ok(()) })
         }
 
         fn record<'a>(&'a self, ranges: &'a [BatchRange]) -> StoreFuture<'a, ()> {

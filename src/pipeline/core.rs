@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OnError};
 use crate::decode::{RecordError, RecordErrorKind};
-use crate::exactly_once::{BatchRange, RangeStore};
+use crate::exactly_once::{BatchRange, RangeStore, Split};
 use crate::kafka::control::{ConsumerControl, TopicPartition};
 use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{FastMap, FastSet, OffsetTracker, Ownership, PartitionKey, Segment};
@@ -197,6 +197,9 @@ pub struct TableState {
     /// against columns read after them.
     checked: FastMap<PartitionKey, i64>,
     check: SchemaCheck,
+    /// Exactly-once: how the latest recorded range of a partition was split,
+    /// for its replay (from the state table, or from a stale batch).
+    replay_splits: FastMap<PartitionKey, Vec<Split>>,
     /// Exactly-once: per partition, offsets whose dead letters the broker
     /// has not acknowledged. A batch whose range reaches one is not sent:
     /// once its range is recorded, recovery would skip the record for good.
@@ -220,6 +223,7 @@ impl TableState {
             reread: Reread::default(),
             checked: FastMap::default(),
             check: SchemaCheck::default(),
+            replay_splits: FastMap::default(),
             dead_letters: FastMap::default(),
         }
     }
@@ -1146,6 +1150,10 @@ impl Core {
             first: b.first,
             last: b.replay_last.unwrap_or(b.last),
         });
+        let splits = match (b.partition, b.replay_last) {
+            (Some(key), Some(_)) => t.replay_splits.remove(&key).unwrap_or_default(),
+            _ => Vec::new(),
+        };
         t.waiting.push_back(ReadyBatch {
             table: ti,
             body: Bytes::from(b.body),
@@ -1154,6 +1162,7 @@ impl Core {
             oldest_timestamp_ms: b.oldest_timestamp_ms,
             range,
             replay: b.replay_last.is_some(),
+            splits,
             schema_version: b.schema_version,
             accounted: b.accounted,
         });
@@ -1233,18 +1242,25 @@ impl Core {
     }
 
     /// Exactly-once: a batch that replayed a recorded range, or whose range
-    /// was recorded already, is cut at exactly that range again.
-    fn keep_recorded_range(&mut self, ti: usize, range: &Option<BatchRange>, segments: &[Segment]) {
-        let (Some(r), Some(s)) = (range, segments.first()) else {
+    /// was recorded already, is cut at exactly that range again, and split
+    /// as it was.
+    fn keep_recorded_range(&mut self, ti: usize, batch: &ReadyBatch, splits: Vec<Split>) {
+        let (Some(r), Some(s)) = (&batch.range, batch.segments.first()) else {
             return;
         };
-        self.tables[ti].recovery.insert(
+        let t = &mut self.tables[ti];
+        t.recovery.insert(
             s.key,
             Recovery::Replay {
                 first: r.first,
                 last: r.last,
             },
         );
+        if splits.is_empty() {
+            t.replay_splits.remove(&s.key);
+        } else {
+            t.replay_splits.insert(s.key, splits);
+        }
     }
 
     /// A table changed (its sink saw a new schema, a check found one, or
@@ -1305,7 +1321,8 @@ impl Core {
         for b in waiting {
             self.tables[ti].buffered -= b.accounted;
             if b.replay {
-                self.keep_recorded_range(ti, &b.range, &b.segments);
+                let splits = b.splits.clone();
+                self.keep_recorded_range(ti, &b, splits);
             }
             self.rewind_segments(ti, &b.segments);
             for s in &b.segments {
@@ -1441,13 +1458,17 @@ impl Core {
                 // segments' generation, and the new owner reads them again.
                 self.batch_done(&batch);
             }
-            SinkEvent::Stale { batch, recorded } => {
+            SinkEvent::Stale {
+                batch,
+                recorded,
+                splits,
+            } => {
                 self.batch_done(&batch);
                 let ti = batch.table;
                 // The sink may have seen the new columns before this thread.
                 self.follow_schema(ti);
                 if batch.replay || recorded {
-                    self.keep_recorded_range(ti, &batch.range, &batch.segments);
+                    self.keep_recorded_range(ti, &batch, splits);
                 }
                 self.rewind_segments(ti, &batch.segments);
                 for seg in &batch.segments {
@@ -1987,13 +2008,23 @@ impl Core {
             for &r in &topic.routes {
                 let table = &mut self.tables[self.routes[r].table];
                 match latest.get(&(table.name.clone(), topic.name.clone(), key.partition)) {
-                    Some(&(first, last)) => {
-                        table
-                            .recovery
-                            .insert(key, Recovery::Recorded { first, last });
+                    Some(r) => {
+                        table.recovery.insert(
+                            key,
+                            Recovery::Recorded {
+                                first: r.first,
+                                last: r.last,
+                            },
+                        );
+                        if r.splits.is_empty() {
+                            table.replay_splits.remove(&key);
+                        } else {
+                            table.replay_splits.insert(key, r.splits.clone());
+                        }
                     }
                     None => {
                         table.recovery.remove(&key);
+                        table.replay_splits.remove(&key);
                     }
                 }
             }
@@ -2093,6 +2124,7 @@ impl Core {
                 t.reread.revoke(key);
                 t.checked.remove(&key);
                 t.dead_letters.remove(&key);
+                t.replay_splits.remove(&key);
             }
             self.metrics
                 .forget_partition(&self.topics[key.topic as usize].name, key.partition);
@@ -3083,6 +3115,7 @@ mod tests {
         h.core.on_event(SinkEvent::Stale {
             batch: second,
             recorded: false,
+            splits: vec![],
         });
         h.core.service(&consumer);
         assert_eq!(*consumer.seeks.borrow(), vec![("t".to_string(), 0, 3)]);
@@ -3292,6 +3325,7 @@ mod tests {
                                 h.core.on_event(SinkEvent::Stale {
                                     batch,
                                     recorded: false,
+                                    splits: vec![],
                                 });
                             } else {
                                 inserted[ti]

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClickHouseConfig, RetryConfig};
-use crate::exactly_once::{BatchRange, RangeStore};
+use crate::exactly_once::{BatchRange, RangeStore, Split};
 use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{Ownership, PartitionKey, Segment};
 use crate::kafka::Record;
@@ -37,6 +37,8 @@ pub struct ReadyBatch {
     pub range: Option<BatchRange>,
     /// Exactly-once: the range replays one a previous attempt recorded.
     pub replay: bool,
+    /// Exactly-once: how a previous attempt of this range was split.
+    pub splits: Vec<Split>,
     /// The table schema version the rows were encoded for.
     pub schema_version: u64,
     /// What the batch counts for in the memory budget (body and per-row
@@ -81,8 +83,13 @@ pub enum SinkEvent {
     /// The table's columns changed since the rows were encoded: nothing was
     /// inserted, and the records are decoded again for the new columns.
     /// `recorded`: exactly-once, the range was written to the state table
-    /// before the change was seen, so it is replayed as recorded.
-    Stale { batch: ReadyBatch, recorded: bool },
+    /// before the change was seen, so it is replayed as recorded, cut as
+    /// `splits` say.
+    Stale {
+        batch: ReadyBatch,
+        recorded: bool,
+        splits: Vec<Split>,
+    },
     /// A dead letter sent by the consumer thread was acknowledged (or not).
     /// `bytes`: what it counted for in its table's memory budget.
     DeadLettered {
@@ -318,8 +325,23 @@ enum Delivered {
     Inserted(usize),
     /// Its partitions are no longer this process's: not (fully) inserted.
     Fenced,
-    /// Encoded for columns the table no longer has as they were.
-    Stale { recorded: bool },
+    /// Encoded for columns the table no longer has as they were; `splits`:
+    /// how it was cut so far (exactly-once, recorded).
+    Stale { recorded: bool, splits: Vec<Split> },
+}
+
+/// How isolating the refused rows of a batch ended, short of an error.
+enum Isolated {
+    Done(Vec<Rejected>),
+    Fenced,
+    Stale(Vec<Split>),
+}
+
+/// A write to the exactly-once state table.
+#[derive(Clone, Copy)]
+enum StateWrite<'a> {
+    Range(&'a BatchRange),
+    Split(&'a BatchRange, Split),
 }
 
 /// How one insert (with its retries) ended, short of an error.
@@ -352,7 +374,14 @@ impl<W: Writer> TableSink<W> {
                     (SinkEvent::Inserted { batch, rejected }, false)
                 }
                 Ok(Delivered::Fenced) => (SinkEvent::Dropped(batch), false),
-                Ok(Delivered::Stale { recorded }) => (SinkEvent::Stale { batch, recorded }, false),
+                Ok(Delivered::Stale { recorded, splits }) => (
+                    SinkEvent::Stale {
+                        batch,
+                        recorded,
+                        splits,
+                    },
+                    false,
+                ),
                 Err(error) => (SinkEvent::Failed { batch, error }, true),
             };
             // After a failure nothing more is inserted: the commit cannot
@@ -368,33 +397,42 @@ impl<W: Writer> TableSink<W> {
     /// encoded for columns that changed since. A refusal that a change made
     /// between the check and the insert could explain is checked once more.
     async fn follow_and_deliver(&mut self, batch: &ReadyBatch) -> Result<Delivered, InsertError> {
-        let Some(w) = self.schema.as_mut() else {
-            return self.deliver(batch).await;
-        };
-        w.refresh().await;
-        let current = w.current();
-        if current.version != batch.schema_version {
-            return Ok(Delivered::Stale { recorded: false });
+        if self.table_changed(batch).await {
+            return Ok(Delivered::Stale {
+                recorded: false,
+                splits: batch.splits.clone(),
+            });
         }
-        if current.version != w.sql_version {
-            self.sql = current.schema.insert_sql();
-            w.sql_version = current.version;
-        }
-        match self.deliver(batch).await {
-            Err(e) if e.class != ErrorClass::Transient => {
-                if let Some(w) = self.schema.as_mut() {
-                    w.refresh().await;
-                    if w.current().version != batch.schema_version {
-                        tracing::info!(table = %self.table_name, error = %e,
-                            "an insert refused after the table's columns changed: decoding its records again");
-                        return Ok(Delivered::Stale {
-                            recorded: batch.range.is_some(),
-                        });
-                    }
-                }
-                Err(e)
+        if let Some(w) = self.schema.as_mut() {
+            let current = w.current();
+            if current.version != w.sql_version {
+                self.sql = current.schema.insert_sql();
+                w.sql_version = current.version;
             }
-            other => other,
+        }
+        let delivered = self.deliver(batch).await;
+        if let Err(e) = &delivered {
+            if e.class != ErrorClass::Transient && self.table_changed(batch).await {
+                tracing::info!(table = %self.table_name, error = %e,
+                    "an insert refused after the table's columns changed: decoding its records again");
+                return Ok(Delivered::Stale {
+                    recorded: batch.range.is_some(),
+                    splits: batch.splits.clone(),
+                });
+            }
+        }
+        delivered
+    }
+
+    /// Reads the table's columns again: whether they are no longer those
+    /// the batch was encoded for.
+    async fn table_changed(&mut self, batch: &ReadyBatch) -> bool {
+        match self.schema.as_mut() {
+            None => false,
+            Some(w) => {
+                w.refresh().await;
+                w.current().version != batch.schema_version
+            }
         }
     }
 
@@ -402,11 +440,11 @@ impl<W: Writer> TableSink<W> {
     /// exactly-once, its one partition at the assignment it was read under;
     /// otherwise at least one of its partitions (a batch of partitions that
     /// were all revoked or lost is inserted by their new owner).
-    fn owned(&self, batch: &ReadyBatch) -> bool {
+    fn owner_check(ownership: &Ownership, batch: &ReadyBatch) -> bool {
         if batch.range.is_some() {
-            batch.segments.iter().all(|s| self.ownership.owns(s))
+            batch.segments.iter().all(|s| ownership.owns(s))
         } else {
-            batch.segments.is_empty() || batch.segments.iter().any(|s| self.ownership.owns(s))
+            batch.segments.is_empty() || batch.segments.iter().any(|s| ownership.owns(s))
         }
     }
 
@@ -414,56 +452,79 @@ impl<W: Writer> TableSink<W> {
     /// attempt (range write, insert, retry, each part of a split batch):
     /// after a revocation the new owner reads the same records again, and
     /// with exactly-once both inserting would race on the same range.
-    async fn deliver(&self, batch: &ReadyBatch) -> Result<Delivered, InsertError> {
-        let owned = || self.owned(batch);
+    async fn deliver(&mut self, batch: &ReadyBatch) -> Result<Delivered, InsertError> {
+        let ownership = self.ownership.clone();
+        let owned = move || Self::owner_check(&ownership, batch);
         if !owned() {
             return Ok(Delivered::Fenced);
         }
         let token = match &batch.range {
             None => None,
             Some(range) => {
-                if self.record_range(range, &owned).await? == Sent::Fenced {
+                if self.write_state(StateWrite::Range(range), &owned).await? == Sent::Fenced {
                     return Ok(Delivered::Fenced);
                 }
                 Some(range.token(&self.group))
             }
         };
         let n = batch.rows.len();
-        match self
-            .insert_with_retry(batch.body.clone(), n, token.as_deref(), &owned)
-            .await
-        {
-            Ok(Sent::Acknowledged) => {
-                self.count_inserted(batch, n);
-                Ok(Delivered::Inserted(0))
-            }
-            Ok(Sent::Fenced) => Ok(Delivered::Fenced),
-            Err(e) if matches!(e.class, ErrorClass::Data | ErrorClass::Split) => {
-                // One copy for the whole batch: a reload (SIGHUP) must not
-                // change the rules between isolating rows and handling them.
-                let policies = self.policies.borrow().clone();
-                if e.class == ErrorClass::Data && !may_isolate(&policies, batch) {
-                    return Err(e);
+        // A replay of a range that was split: never inserted whole, its
+        // parts as recorded.
+        let first = if batch.splits.is_empty() {
+            match self
+                .insert_with_retry(batch.body.clone(), n, token.as_deref(), &owned)
+                .await
+            {
+                Ok(Sent::Acknowledged) => {
+                    self.count_inserted(batch, n);
+                    return Ok(Delivered::Inserted(0));
                 }
-                let Some(rejected) = self
-                    .isolate(batch, &policies, token.as_deref(), e, &owned)
-                    .await?
-                else {
-                    return Ok(Delivered::Fenced);
-                };
-                self.count_inserted(batch, n - rejected.len());
-                self.handle_rejected(batch, &policies, &rejected).await?;
-                Ok(Delivered::Inserted(rejected.len()))
+                Ok(Sent::Fenced) => return Ok(Delivered::Fenced),
+                Err(e) if matches!(e.class, ErrorClass::Data | ErrorClass::Split) => Some(e),
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
+        } else {
+            None
+        };
+        // One copy for the whole batch: a reload (SIGHUP) must not change
+        // the rules between isolating rows and handling them.
+        let policies = self.policies.borrow().clone();
+        if let Some(e) = &first {
+            if e.class == ErrorClass::Data && !may_isolate(&policies, batch) {
+                return Err(e.clone());
+            }
+            // Refused by a table that changed since the check: decoded
+            // again, not split (its parts could be misread as well).
+            if self.table_changed(batch).await {
+                return Ok(Delivered::Stale {
+                    recorded: batch.range.is_some(),
+                    splits: batch.splits.clone(),
+                });
+            }
         }
+        let rejected = match self
+            .isolate(batch, &policies, token.as_deref(), first, &owned)
+            .await?
+        {
+            Isolated::Done(rejected) => rejected,
+            Isolated::Fenced => return Ok(Delivered::Fenced),
+            Isolated::Stale(splits) => {
+                return Ok(Delivered::Stale {
+                    recorded: batch.range.is_some(),
+                    splits,
+                })
+            }
+        };
+        self.count_inserted(batch, n - rejected.len());
+        self.handle_rejected(batch, &policies, &rejected).await?;
+        Ok(Delivered::Inserted(rejected.len()))
     }
 
-    /// Exactly-once step 1: the range is in the state table before the
-    /// insert. Retried like an insert, and fenced before every attempt.
-    async fn record_range(
+    /// A write to the exactly-once state table: retried like an insert, and
+    /// fenced before every attempt.
+    async fn write_state(
         &self,
-        range: &BatchRange,
+        write: StateWrite<'_>,
         owned: &(dyn Fn() -> bool + Sync),
     ) -> Result<Sent, InsertError> {
         let Some(state) = &self.state else {
@@ -474,7 +535,11 @@ impl<W: Writer> TableSink<W> {
             if !owned() {
                 return Ok(Sent::Fenced);
             }
-            match state.record(std::slice::from_ref(range)).await {
+            let result = match write {
+                StateWrite::Range(range) => state.record(std::slice::from_ref(range)).await,
+                StateWrite::Split(range, split) => state.record_split(range, split).await,
+            };
+            match result {
                 Ok(()) => {
                     self.metrics.state_writes.with_label_values(&["ok"]).inc();
                     return Ok(Sent::Acknowledged);
@@ -485,10 +550,14 @@ impl<W: Writer> TableSink<W> {
                         .with_label_values(&["failed"])
                         .inc();
                     let e = errors::classify(&e);
+                    let what = match write {
+                        StateWrite::Range(_) => "the batch range",
+                        StateWrite::Split(..) => "how a refused batch is split",
+                    };
                     if e.class != ErrorClass::Transient {
                         return Err(InsertError {
                             message: format!(
-                                "cannot record the batch range in the exactly-once state table {}: {}",
+                                "cannot record {what} in the exactly-once state table {}: {}",
                                 state.name(),
                                 e.message
                             ),
@@ -500,7 +569,7 @@ impl<W: Writer> TableSink<W> {
                     if self.retry.max_attempts != 0 && attempt >= self.retry.max_attempts {
                         return Err(InsertError {
                             message: format!(
-                                "gave up recording a batch range in {} after {attempt} attempts \
+                                "gave up recording {what} in {} after {attempt} attempts \
                                  (retry.max_attempts): {}",
                                 state.name(),
                                 e.message
@@ -509,7 +578,7 @@ impl<W: Writer> TableSink<W> {
                         });
                     }
                     tracing::warn!(table = %self.table_name, attempt, code = %e.code_label(), error = %e,
-                        "recording a batch range failed, will retry");
+                        "recording {what} failed, will retry");
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -517,51 +586,78 @@ impl<W: Writer> TableSink<W> {
     }
 
     /// Splits a refused batch until the rows ClickHouse refuses on their own
-    /// are found; every other row is inserted. ClickHouse's "at row N" points
-    /// at a culprit directly; otherwise the range is halved. A batch over a
-    /// server limit (`ErrorClass::Split`) is halved until its parts pass.
-    /// With exactly-once each part carries a token derived from the batch's
-    /// and the part's rows, so a replay after a crash splits and deduplicates
-    /// the same way. None when the batch was fenced on the way.
+    /// are found; every other row is inserted. A part is an interval of keys:
+    /// record offsets with exactly-once (a batch holds one partition), row
+    /// positions otherwise. ClickHouse's "at row N" points at a culprit,
+    /// which is cut out; otherwise the part is halved; a batch over a server
+    /// limit (`ErrorClass::Split`) is halved until its parts pass. With
+    /// exactly-once each part carries a token naming its offsets, and each
+    /// cut is recorded before its parts are inserted: a replay (after a
+    /// crash, or decoded again after a table change) cuts the same way,
+    /// skipping what landed. `first`: the whole batch's refusal; None for a
+    /// replay of a range recorded as split. The table is checked before
+    /// every part: a part encoded for columns that changed is not sent.
     async fn isolate(
-        &self,
+        &mut self,
         batch: &ReadyBatch,
         policies: &RowPolicies,
         token: Option<&str>,
-        first: InsertError,
+        first: Option<InsertError>,
         owned: &(dyn Fn() -> bool + Sync),
-    ) -> Result<Option<Vec<Rejected>>, InsertError> {
+    ) -> Result<Isolated, InsertError> {
         let n = batch.rows.len();
         let limit = ((n as f64 * policies.max_rejected_ratio).ceil() as usize).max(10);
+        let keys: Vec<i64> = match &batch.range {
+            Some(_) => batch.rows.iter().map(|r| r.offset).collect(),
+            None => (0..n as i64).collect(),
+        };
+        let root = match &batch.range {
+            Some(r) => (r.first, r.last),
+            None => (0, n as i64 - 1),
+        };
+        let rows_of = |lo: i64, hi: i64| {
+            (
+                keys.partition_point(|&k| k < lo),
+                keys.partition_point(|&k| k <= hi),
+            )
+        };
+        let mut splits: Vec<Split> = batch.splits.clone();
         let mut rejected = Vec::new();
-        let mut work: Vec<(usize, usize, Option<InsertError>)> = vec![(0, n, Some(first))];
-        while let Some((lo, hi, known)) = work.pop() {
+        let mut work: Vec<((i64, i64), Option<InsertError>)> = vec![(root, first)];
+        while let Some(((lo, hi), known)) = work.pop() {
+            let (i, j) = rows_of(lo, hi);
+            if i >= j {
+                continue;
+            }
+            // Split before: its parts, never it whole.
+            if let Some(split) = splits.iter().find(|s| (s.lo, s.hi) == (lo, hi)).copied() {
+                work.extend(split.parts().into_iter().rev().map(|p| (p, None)));
+                continue;
+            }
             let err = match known {
                 Some(e) => e,
                 None => {
+                    if self.table_changed(batch).await {
+                        return Ok(Isolated::Stale(splits));
+                    }
                     self.metrics
                         .bisect_inserts
                         .with_label_values(&[&self.table_name])
                         .inc();
                     let part_token = token.map(|t| format!("{t}/{lo}-{hi}"));
                     match self
-                        .insert_with_retry(
-                            batch.body_of(lo, hi),
-                            hi - lo,
-                            part_token.as_deref(),
-                            owned,
-                        )
+                        .insert_with_retry(batch.body_of(i, j), j - i, part_token.as_deref(), owned)
                         .await
                     {
                         Ok(Sent::Acknowledged) => continue,
-                        Ok(Sent::Fenced) => return Ok(None),
+                        Ok(Sent::Fenced) => return Ok(Isolated::Fenced),
                         Err(e) if matches!(e.class, ErrorClass::Data | ErrorClass::Split) => e,
                         Err(e) => return Err(e),
                     }
                 }
             };
-            if hi - lo == 1 {
-                let row = batch.rows[lo];
+            if j - i == 1 {
+                let row = batch.rows[i];
                 if err.class == ErrorClass::Split {
                     return Err(InsertError {
                         message: format!(
@@ -587,10 +683,7 @@ impl<W: Writer> TableSink<W> {
                         ..err
                     });
                 }
-                rejected.push(Rejected {
-                    row: lo,
-                    error: err,
-                });
+                rejected.push(Rejected { row: i, error: err });
                 if rejected.len() > limit {
                     return Err(InsertError {
                         message: format!(
@@ -610,24 +703,32 @@ impl<W: Writer> TableSink<W> {
             let hint = (err.class == ErrorClass::Data)
                 .then(|| row_hint(&err.message))
                 .flatten()
-                .filter(|&h| h < hi - lo);
-            match hint {
-                // Popped in order: the rows before the culprit, the culprit, the rest.
-                Some(h) => {
-                    work.push((lo + h + 1, hi, None));
-                    work.push((lo + h, lo + h + 1, None));
-                    if h > 0 {
-                        work.push((lo, lo + h, None));
-                    }
-                }
-                None => {
-                    let mid = lo + (hi - lo) / 2;
-                    work.push((mid, hi, None));
-                    work.push((lo, mid, None));
+                .filter(|&h| h < j - i);
+            let split = match hint {
+                Some(h) => Split {
+                    lo,
+                    hi,
+                    at: keys[i + h],
+                    single: true,
+                },
+                None => Split {
+                    lo,
+                    hi,
+                    at: keys[i + (j - i) / 2 - 1],
+                    single: false,
+                },
+            };
+            if let Some(range) = &batch.range {
+                if self
+                    .write_state(StateWrite::Split(range, split), owned)
+                    .await?
+                    == Sent::Fenced
+                {
+                    return Ok(Isolated::Fenced);
                 }
             }
-            // Empty ranges (a culprit at the very end) are simply skipped.
-            work.retain(|(a, b, _)| a < b);
+            splits.push(split);
+            work.extend(split.parts().into_iter().rev().map(|p| (p, None)));
         }
         // Every row refused one by one is the table's problem (a view, a
         // constraint no row meets, a column every row misses), not bad rows:
@@ -646,7 +747,7 @@ impl<W: Writer> TableSink<W> {
                 code: last.and_then(|e| e.code),
             });
         }
-        Ok(Some(rejected))
+        Ok(Isolated::Done(rejected))
     }
 
     fn topic_name(&self, topic: u32) -> &str {
@@ -1048,7 +1149,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_batch_is_split_until_only_the_bad_rows_are_left() {
         for hint in [true, false] {
-            let s = refusing(&[7, 13, 14], hint);
+            let mut s = refusing(&[7, 13, 14], hint);
             let b = batch_of(40);
             let rejected = s.deliver(&b).await.unwrap();
             assert_eq!(rejected, Delivered::Inserted(3), "hint={hint}");
@@ -1069,7 +1170,7 @@ mod tests {
             );
         }
         // ClickHouse's row number finds each culprit in a few inserts.
-        let s = refusing(&[7, 13, 14], true);
+        let mut s = refusing(&[7, 13, 14], true);
         s.deliver(&batch_of(40)).await.unwrap();
         assert!(s.writer.tokens.lock().unwrap().len() <= 10);
     }
@@ -1111,10 +1212,23 @@ mod tests {
             tokens,
             vec![
                 "chbridge|g|db.t|t|0|100-107",
-                "chbridge|g|db.t|t|0|100-107/0-3",
-                "chbridge|g|db.t|t|0|100-107/3-4",
-                "chbridge|g|db.t|t|0|100-107/4-8",
+                "chbridge|g|db.t|t|0|100-107/100-102",
+                "chbridge|g|db.t|t|0|100-107/103-103",
+                "chbridge|g|db.t|t|0|100-107/104-107",
             ]
+        );
+        // The cut was recorded before its parts were inserted.
+        assert_eq!(
+            store.splits.lock().unwrap().clone(),
+            vec![(
+                b.range.clone().unwrap(),
+                Split {
+                    lo: 100,
+                    hi: 107,
+                    at: 103,
+                    single: true
+                }
+            )]
         );
         // Revoked meanwhile: nothing is recorded or sent.
         s.ownership.remove(P0);
@@ -1126,7 +1240,7 @@ mod tests {
     #[tokio::test]
     async fn too_many_refused_rows_fail_the_batch_instead_of_splitting_forever() {
         let all: Vec<u8> = (0..40).collect();
-        let s = refusing(&all, true);
+        let mut s = refusing(&all, true);
         let e = s.deliver(&batch_of(40)).await.unwrap_err();
         assert!(e.message.contains("refused more than 20 rows"), "{e}");
     }
@@ -1198,6 +1312,7 @@ mod tests {
             oldest_timestamp_ms: None,
             range: None,
             replay: false,
+            splits: Vec::new(),
             schema_version: 0,
             accounted: 0,
         }
@@ -1353,7 +1468,7 @@ mod tests {
             ),
         ];
         for (code, message) in cases {
-            let s = limited(4, code, message);
+            let mut s = limited(4, code, message);
             let b = batch_of(40);
             let got = tokio::time::timeout(Duration::from_secs(10), s.deliver(&b))
                 .await
@@ -1373,7 +1488,7 @@ mod tests {
             );
         }
         // A timeout is retried TIMEOUT_REPEATS times before it is the batch's.
-        let s = limited(4, 159, "Timeout exceeded. (TIMEOUT_EXCEEDED)");
+        let mut s = limited(4, 159, "Timeout exceeded. (TIMEOUT_EXCEEDED)");
         s.deliver(&batch_of(8)).await.unwrap();
         let attempts = *s.writer.attempts.lock().unwrap();
         assert_eq!(
@@ -1388,7 +1503,7 @@ mod tests {
     /// what to change. Partitions per block split alike, so they do split.
     #[tokio::test]
     async fn exactly_once_splits_only_where_a_replay_splits_alike() {
-        let s = limited(
+        let mut s = limited(
             4,
             241,
             "Memory limit (for query) exceeded. (MEMORY_LIMIT_EXCEEDED)",
@@ -1398,7 +1513,7 @@ mod tests {
         assert_eq!(e.class, ErrorClass::Fatal, "{e}");
         assert!(e.message.contains("lower batch.max_rows"), "{e}");
         assert!(s.writer.landed.lock().unwrap().is_empty());
-        let s = limited(
+        let mut s = limited(
             4,
             252,
             "Too many partitions for single INSERT block (more than 100).",
@@ -1411,7 +1526,7 @@ mod tests {
     /// Item 7: a code chbridge does not know is retried a few times, then stops.
     #[tokio::test]
     async fn an_unknown_code_that_repeats_stops_with_the_code() {
-        let s = limited(0, 9999, "something new");
+        let mut s = limited(0, 9999, "something new");
         let e = tokio::time::timeout(Duration::from_secs(10), s.deliver(&batch_of(3)))
             .await
             .expect("retried forever")
@@ -1531,6 +1646,87 @@ mod tests {
         assert!(
             s.writer.bodies.lock().unwrap().is_empty(),
             "nothing inserted"
+        );
+    }
+
+    /// Deduplicates by token as ClickHouse does (a refused insert leaves no
+    /// token), refuses rows holding one of `refuse`, keeps what landed.
+    struct DedupWriter {
+        refuse: Mutex<Vec<u8>>,
+        seen: Mutex<std::collections::HashSet<String>>,
+        landed: Mutex<Vec<u8>>,
+        tokens: Mutex<Vec<String>>,
+    }
+
+    impl Writer for DedupWriter {
+        async fn insert(
+            &self,
+            _sql: &str,
+            body: Bytes,
+            token: Option<&str>,
+        ) -> Result<(), InsertError> {
+            let token = token.unwrap_or("").to_string();
+            self.tokens.lock().unwrap().push(token.clone());
+            if let Some(i) = body
+                .iter()
+                .position(|b| self.refuse.lock().unwrap().contains(b))
+            {
+                return Err(InsertError {
+                    class: ErrorClass::Data,
+                    code: Some(469),
+                    message: format!("Code: 469. Constraint violated at row {}.", i + 1),
+                });
+            }
+            if self.seen.lock().unwrap().insert(token) {
+                self.landed.lock().unwrap().extend_from_slice(&body);
+            }
+            Ok(())
+        }
+    }
+
+    /// A refused exactly-once batch is split; then the table changes so that
+    /// it accepts the whole (a constraint dropped, a column widened) and the
+    /// range is replayed (after a crash, or decoded again). The replay must
+    /// cut it as recorded: inserted whole under its token (which never
+    /// landed), the rows of the parts that landed would be there twice.
+    #[tokio::test]
+    async fn a_replay_of_a_split_range_cuts_it_as_recorded_and_repeats_nothing() {
+        let writer = DedupWriter {
+            refuse: Mutex::new(vec![3]),
+            seen: Mutex::new(Default::default()),
+            landed: Mutex::new(Vec::new()),
+            tokens: Mutex::new(Vec::new()),
+        };
+        let mut s = sink_with(writer, 0);
+        let store = Arc::new(MemoryStore::default());
+        s.state = Some(store.clone());
+        let b = owned_eos_batch(&s, 8);
+        assert_eq!(s.deliver(&b).await.unwrap(), Delivered::Inserted(1));
+        // Now row 3 is accepted; the replay brings the recorded cut along.
+        s.writer.refuse.lock().unwrap().clear();
+        let mut replay = owned_eos_batch(&s, 8);
+        replay.replay = true;
+        replay.splits = store
+            .splits
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, x)| *x)
+            .collect();
+        assert_eq!(s.deliver(&replay).await.unwrap(), Delivered::Inserted(0));
+        let mut landed = s.writer.landed.lock().unwrap().clone();
+        landed.sort();
+        assert_eq!(
+            landed,
+            (0..8).collect::<Vec<u8>>(),
+            "every row exactly once"
+        );
+        assert!(
+            !s.writer.tokens.lock().unwrap()[4..]
+                .iter()
+                .any(|t| t == "chbridge|g|db.t|t|0|100-107"),
+            "the replay inserted the split range whole: {:?}",
+            s.writer.tokens.lock().unwrap()
         );
     }
 }

@@ -229,7 +229,10 @@ fn the_state_table_keeps_the_latest_range_of_every_partition() {
         store.record(&[range("b", 0, 3, 7)]).await.unwrap();
         other.record(&[range("a", 0, 100, 199)]).await.unwrap();
         let latest = store.latest(&["a".to_string()]).await.unwrap();
-        let mut got: Vec<_> = latest.into_iter().collect();
+        let mut got: Vec<_> = latest
+            .into_iter()
+            .map(|(k, r)| (k, (r.first, r.last)))
+            .collect();
         got.sort();
         assert_eq!(
             got,
@@ -238,6 +241,29 @@ fn the_state_table_keeps_the_latest_range_of_every_partition() {
                 (("db.t".to_string(), "a".to_string(), 1), (0, 4)),
             ]
         );
+        // How a refused range was split comes back with it, and only with it.
+        let split = chbridge::exactly_once::Split {
+            lo: 10,
+            hi: 15,
+            at: 12,
+            single: true,
+        };
+        store
+            .record_split(&range("a", 0, 10, 15), split)
+            .await
+            .unwrap();
+        store
+            .record_split(&range("a", 0, 10, 19), split)
+            .await
+            .unwrap();
+        let latest = store.latest(&["a".to_string()]).await.unwrap();
+        assert_eq!(
+            latest[&("db.t".to_string(), "a".to_string(), 0)].splits,
+            vec![split]
+        );
+        assert!(latest[&("db.t".to_string(), "a".to_string(), 1)]
+            .splits
+            .is_empty());
         assert_eq!(store.clear(Some("a")).await.unwrap(), 4);
         assert!(store.latest(&["a".to_string()]).await.unwrap().is_empty());
         assert_eq!(store.latest(&["b".to_string()]).await.unwrap().len(), 1);
