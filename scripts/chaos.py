@@ -295,12 +295,13 @@ class Run:
     def now(self):
         return round(time.monotonic() - self.t0, 1)
 
-    def reconfigure(self, r, on_error=None, budget="32MiB", max_bytes="16MiB"):
+    def reconfigure(self, r, on_error=None, budget="32MiB", max_bytes="16MiB", commit="1s"):
         """Writes replica r's configuration (read at its next start)."""
         with open(r.config, "w") as f:
-            f.write(self.bridge_config(r.http_port, on_error or self.args.on_error, budget, max_bytes))
+            f.write(self.bridge_config(r.http_port, on_error or self.args.on_error, budget, max_bytes,
+                                       commit))
 
-    def bridge_config(self, http_port, on_error, budget, max_bytes):
+    def bridge_config(self, http_port, on_error, budget, max_bytes, commit):
         route_error = {"dead-letter": 'on_error = "dead-letter"\ndead_letter_topic = "%s"' % DLQ,
                        "skip": 'on_error = "skip"', "stop": 'on_error = "stop"'}[on_error]
         routes = "".join('[[routes]]\ntopics = [%s]\ntable = "%s"\n%s\n'
@@ -329,6 +330,9 @@ max_rows = 20000
 max_bytes = "{max_bytes}"
 max_wait = "200ms"
 
+[commit]
+interval = "{commit}"
+
 [retry]
 initial_backoff = "100ms"
 max_backoff = "2s"
@@ -340,7 +344,7 @@ listen = "127.0.0.1:{http}"
 level = "info,librdkafka=warn"
 
 {routes}""".format(delivery='delivery = "exactly-once"\n' if self.mode == "exactly-once" else "",
-                   shutdown=SHUTDOWN_TIMEOUT_S, budget=budget, max_bytes=max_bytes,
+                   shutdown=SHUTDOWN_TIMEOUT_S, budget=budget, max_bytes=max_bytes, commit=commit,
                    brokers=self.broker.address, mode=self.mode,
                    ch=self.ch.http_port, http=http_port, routes=routes)
 
@@ -626,12 +630,18 @@ level = "info,librdkafka=warn"
         replays of the recorded ranges must complete although the tables are
         full; kill -9 again during them."""
         r = self.replicas[1]
+        # Commits far apart: every partition's last range is replayed.
+        self.kill_replica(r)
+        self.reconfigure(r, commit="1h")
+        r.start()
+        self.until(r.ready, 60, "bridge 1 ready (/readyz)", step=0.2)
+        self.wait(4)
         details = []
         for _ in range(3):
             self.kill_replica(r)
             self.wait(self.rng.uniform(2, 4))  # a backlog builds up
             # Replays cut at ranges recorded with the larger batches of before.
-            self.reconfigure(r, budget="256KiB", max_bytes="64KiB")
+            self.reconfigure(r, budget="256KiB", max_bytes="64KiB", commit="1h")
             r.start()
             self.until(r.ready, 60, "bridge 1 ready (/readyz)", step=0.2)
             if self.mode == "exactly-once":
