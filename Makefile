@@ -68,9 +68,10 @@ lint-deploy: ## Dockerfile, Compose, Kubernetes overlays, Prometheus rules, Graf
 image: ## build the container image (needs a Docker engine)
 	docker build -t chbridge:$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1) -t chbridge:latest .
 
-lint: ## formatting and clippy, warnings are errors
+lint: ## formatting, clippy (warnings are errors), and ARCHITECTURE.md naming only code that exists
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	python3 scripts/check_architecture.py
 
 fmt:
 	cargo fmt --all
