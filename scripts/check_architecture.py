@@ -122,8 +122,12 @@ class Index:
         depth, owner_stack, enum_name, enum_depth = 0, [], None, None
         struct_name, struct_depth = None, None
         struct_start = re.compile(r"^\s*(?:pub(?:\([^)]*\))?\s+)?struct\s+(%s)[^;(]*\{\s*$" % IDENT)
+        inline_mod = re.compile(r"^\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(%s)\s*\{" % IDENT)
         for line in text.splitlines():
             code = line
+            im = inline_mod.match(code)
+            if im:
+                owner_stack.append((im.group(1), depth))
             s = struct_start.match(code)
             if s:
                 struct_name, struct_depth = s.group(1), depth
