@@ -5,9 +5,9 @@ Usage: .venv/bin/python scripts/chaos.py [--bin target/release/chbridge]
            [--mode at-least-once|exactly-once|both] [--short] [--seed 42]
            [--on-error dead-letter|skip]
 
-Each mode runs from scratch against PRIVATE servers on free ports of 127.0.0.1
+Each run starts from scratch against PRIVATE servers on free ports of 127.0.0.1
 (a ClickHouse from scripts/clickhouse_server.py with its data under
-target/chaos/<mode>/clickhouse/, and a tansu broker with memory storage), so
+target/chaos/<mode>/<scenario>/clickhouse/, and a tansu broker with memory storage), so
 the shared stack of scripts/stack.sh is never touched. While a background
 thread produces JSON records (about 0.5% of them bad) to two topics at a steady
 rate, the bridge is killed with -9, ClickHouse is stopped and frozen, the broker
@@ -30,7 +30,7 @@ The last line of each scenario is
 and target/chaos/result.json holds every run. The exit status is 1 if any run
 lost a row, holds a row it should not, misses a dead letter, did not drain or
 could not be carried out, or duplicated a row in exactly-once mode.
-Logs: target/chaos/<mode>/ (bridge-<replica>-<start>.log, tansu.log,
+Logs: target/chaos/<mode>/<scenario>/ (bridge-<replica>-<start>.log, tansu.log,
 clickhouse/server-<start>.log).
 """
 import argparse
