@@ -341,6 +341,8 @@ pub struct ClickHouseAccess {
 
 pub struct Core {
     limits: Limits,
+    /// `limits.max_buffered_bytes` split evenly between the tables.
+    share: usize,
     topics: Vec<TopicState>,
     topic_index: FastMap<String, u32>,
     routes: Vec<RouteState>,
@@ -471,6 +473,7 @@ impl Core {
             })
             .collect();
         Core {
+            share: limits.max_buffered_bytes / tables.len().max(1),
             limits,
             topics,
             topic_index,
@@ -1809,7 +1812,7 @@ impl Core {
     /// Each table's part of the memory budget: the budget split evenly, so
     /// that the sum of all tables' bytes never exceeds it.
     fn table_share(&self) -> usize {
-        self.limits.max_buffered_bytes / self.tables.len().max(1)
+        self.share
     }
 
     /// Topics to pause: those feeding a table whose sink is behind (batches

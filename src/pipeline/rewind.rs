@@ -116,6 +116,10 @@ impl Reread {
             return Admit::Defer;
         }
         let plain = if seen { Admit::Skip } else { Admit::Take };
+        // The steady state: nothing read again, no lookup.
+        if self.redo.is_empty() {
+            return plain;
+        }
         let Some(r) = self.redo.get_mut(&key) else {
             return plain;
         };
