@@ -137,6 +137,11 @@ pub struct StateStore {
     timeout: std::time::Duration,
 }
 
+/// `database.table`, each name quoted.
+fn qualified(database: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(database), quote_ident(table))
+}
+
 #[derive(clickhouse::Row, serde::Deserialize)]
 struct SplitRow {
     table: String,
@@ -185,11 +190,36 @@ impl StateStore {
     }
 
     fn qualified(&self) -> String {
-        format!(
-            "{}.{}",
-            quote_ident(&self.database),
-            quote_ident(&self.table)
-        )
+        qualified(&self.database, &self.table)
+    }
+
+    /// Runs `request`, a timeout of `self.timeout` counting as a (transient) error.
+    async fn bounded<T>(
+        &self,
+        request: impl Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> Result<T, clickhouse::error::Error> {
+        tokio::time::timeout(self.timeout, request)
+            .await
+            .map_err(|_| clickhouse::error::Error::TimedOut)?
+    }
+
+    /// The rows `sql` selects for this group among `topics` (its two
+    /// placeholders, in that order).
+    async fn of_group<R>(
+        &self,
+        sql: &str,
+        topics: &[String],
+    ) -> Result<Vec<R>, clickhouse::error::Error>
+    where
+        R: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        let read = self
+            .client
+            .query(sql)
+            .bind(&self.group)
+            .bind(topics)
+            .fetch_all::<R>();
+        self.bounded(read).await
     }
 
     /// The table of splits beside the state table (`<state table>_splits`).
@@ -198,11 +228,7 @@ impl StateStore {
     }
 
     fn qualified_splits(&self) -> String {
-        format!(
-            "{}.{}",
-            quote_ident(&self.database),
-            quote_ident(&format!("{}_splits", self.table))
-        )
+        qualified(&self.database, &format!("{}_splits", self.table))
     }
 
     /// The DDL of the splits table: how refused ranges were cut (rows only
@@ -252,15 +278,7 @@ impl StateStore {
              GROUP BY `table`, `topic`, `partition`",
             self.qualified()
         );
-        let read = self
-            .client
-            .query(&sql)
-            .bind(&self.group)
-            .bind(topics)
-            .fetch_all::<LatestRow>();
-        let rows = tokio::time::timeout(self.timeout, read)
-            .await
-            .map_err(|_| clickhouse::error::Error::TimedOut)??;
+        let rows: Vec<LatestRow> = self.of_group(&sql, topics).await?;
         let mut latest: LatestRanges = rows
             .into_iter()
             .map(|r| {
@@ -279,15 +297,7 @@ impl StateStore {
              FROM {} WHERE `group` = ? AND has(?, `topic`) ORDER BY `lo`, `hi`",
             self.qualified_splits()
         );
-        let read = self
-            .client
-            .query(&sql)
-            .bind(&self.group)
-            .bind(topics)
-            .fetch_all::<SplitRow>();
-        let splits = tokio::time::timeout(self.timeout, read)
-            .await
-            .map_err(|_| clickhouse::error::Error::TimedOut)??;
+        let splits: Vec<SplitRow> = self.of_group(&sql, topics).await?;
         for r in splits {
             if let Some(rec) = latest.get_mut(&(r.table, r.topic, r.partition)) {
                 if (rec.first, rec.last) == (r.first, r.last) {
@@ -327,9 +337,7 @@ impl StateStore {
             .bind(split.hi)
             .bind(split.at)
             .bind(u8::from(split.single));
-        tokio::time::timeout(self.timeout, q.execute())
-            .await
-            .map_err(|_| clickhouse::error::Error::TimedOut)?
+        self.bounded(q.execute()).await
     }
 
     /// Records the ranges of batches about to be inserted, in one insert.
@@ -358,9 +366,7 @@ impl StateStore {
                 .bind(r.first)
                 .bind(r.last);
         }
-        tokio::time::timeout(self.timeout, q.execute())
-            .await
-            .map_err(|_| clickhouse::error::Error::TimedOut)?
+        self.bounded(q.execute()).await
     }
 
     /// Forgets the recorded ranges of this group (of one topic, or all):
