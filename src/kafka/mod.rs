@@ -71,6 +71,45 @@ impl<'a> Record<'a> {
     }
 }
 
+/// A record kept beyond its message (a failure waiting for a check of its
+/// table): everything a [`Record`] borrows, owned.
+#[derive(Debug, Clone)]
+pub struct OwnedRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Option<rdkafka::message::OwnedHeaders>,
+}
+
+impl OwnedRecord {
+    pub fn of(rec: &Record<'_>) -> OwnedRecord {
+        OwnedRecord {
+            topic: rec.topic.to_string(),
+            partition: rec.partition,
+            offset: rec.offset,
+            timestamp_ms: rec.timestamp_ms,
+            key: rec.key.map(<[u8]>::to_vec),
+            value: rec.value.map(<[u8]>::to_vec),
+            headers: rec.headers.map(BorrowedHeaders::detach),
+        }
+    }
+
+    pub fn as_record(&self) -> Record<'_> {
+        Record {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.as_deref(),
+            value: self.value.as_deref(),
+            headers: self.headers.as_ref().map(|h| h.as_borrowed()),
+        }
+    }
+}
+
 /// Builds the librdkafka configuration. User properties come first; the
 /// settings the delivery guarantee depends on are then forced (and
 /// `Config::validate` already refused user values for them).

@@ -24,7 +24,7 @@ use crate::exactly_once::{BatchRange, RangeStore, Split};
 use crate::kafka::control::{ConsumerControl, TopicPartition};
 use crate::kafka::dead_letter::{DeadLetters, Failure, Ticket};
 use crate::kafka::offsets::{FastMap, FastSet, OffsetTracker, Ownership, PartitionKey, Segment};
-use crate::kafka::Record;
+use crate::kafka::{OwnedRecord, Record};
 use crate::observability::Metrics;
 use crate::schema::drift::{History, Versioned};
 use crate::sink::{InsertError, ReadyBatch, RowOrigin, SinkEvent, ROW_ORIGIN_BYTES};
@@ -159,6 +159,27 @@ enum Step {
     Place { replay: Option<(i64, i64)> },
 }
 
+/// A record that failed for a table, waiting for a check of the table's
+/// columns before it is judged: its offset is held, and the table's batches
+/// holding later records of its partition are not sent meanwhile (exactly-
+/// once: no recorded range may claim it; `on_error = "stop"`: nothing after
+/// it may land).
+struct Judging {
+    route: usize,
+    key: PartitionKey,
+    generation: u64,
+    record: OwnedRecord,
+    error: RecordError,
+    /// The schema version the record was decoded for.
+    version: u64,
+    hold: Segment,
+    /// What the copy counts for in the table's budget.
+    bytes: usize,
+    /// Judged: the bridge (or the route's topic) stopped on it. It stays,
+    /// so that nothing after it is sent.
+    stopped: bool,
+}
+
 /// A check of a table's columns the core asked for.
 #[derive(Default)]
 struct SchemaCheck {
@@ -197,6 +218,9 @@ pub struct TableState {
     /// against columns read after them.
     checked: FastMap<PartitionKey, i64>,
     check: SchemaCheck,
+    /// Records whose failure a table change could explain, waiting for a
+    /// check of the columns before they are judged, in the order they failed.
+    judging: Vec<Judging>,
     /// Exactly-once: how the latest recorded range of a partition was split,
     /// for its replay (from the state table, or from a stale batch).
     replay_splits: FastMap<PartitionKey, Vec<Split>>,
@@ -223,6 +247,7 @@ impl TableState {
             reread: Reread::default(),
             checked: FastMap::default(),
             check: SchemaCheck::default(),
+            judging: Vec::new(),
             replay_splits: FastMap::default(),
             dead_letters: FastMap::default(),
         }
@@ -251,16 +276,25 @@ impl TableState {
         self.schema_history.is_none() || self.checked.get(&key).is_some_and(|&h| offset < h)
     }
 
-    /// Exactly-once: whether `batch` must wait for a dead letter below its end.
+    /// Whether `batch` must wait: exactly-once, for a dead letter below its
+    /// end; in both modes, for the judgement of a failed record of one of
+    /// its partitions below one of its rows.
     fn gated(&self, batch: &ReadyBatch) -> bool {
-        batch.range.as_ref().is_some_and(|r| {
+        let dead_letter = batch.range.as_ref().is_some_and(|r| {
             batch.segments.iter().any(|s| {
                 self.dead_letters
                     .get(&s.key)
                     .and_then(|m| m.keys().next())
                     .is_some_and(|&o| o <= r.last)
             })
-        })
+        });
+        dead_letter
+            || self.judging.iter().any(|j| {
+                batch
+                    .rows
+                    .iter()
+                    .any(|r| r.key == j.key && r.offset > j.record.offset)
+            })
     }
 
     /// Whether an open batch replays a recorded range of `key` not yet read to its end.
@@ -406,8 +440,9 @@ struct Watchdog {
 const MAX_AUTO_ADDED_COLUMNS: usize = 100;
 
 /// Checks of a table's columns that failed records ask for are at least
-/// this far apart: a flood of bad records costs one query a second.
-pub const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// this far apart: a flood of bad records costs four small queries a second
+/// and holds the batches after each failure back for about as long.
+pub const SCHEMA_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A table's batch state before a record was appended to it.
 struct Undo {
@@ -809,11 +844,8 @@ impl Core {
                 if !self.tables[ti].covers(key, rec.offset) =>
             {
                 // Judged only against columns read after the record: the
-                // table may have changed. It is read again after a check.
-                let t = &mut self.tables[ti];
-                let rewind = t.reread.begin(&mut self.tracker);
-                rewind.check = true;
-                rewind.lower(&mut self.tracker, key, generation, rec.offset);
+                // table may have changed. It waits for a check.
+                self.await_check(route_idx, key, generation, rec, error);
                 return Ok(());
             }
             _ => {}
@@ -931,13 +963,104 @@ impl Core {
             }
         }
         // Exactly-once: a record handled by policy counts inside its
-        // partition's batch range, when a batch is open.
+        // partition's batch range, when a batch is open (judged after a
+        // check, the batch may have gone on past it).
         if eos {
             if let Some(bi) = table.batch_index(Some(key)) {
-                table.open[bi].last = rec.offset;
+                let b = &mut table.open[bi];
+                b.last = b.last.max(rec.offset);
             }
         }
         Ok(())
+    }
+
+    /// Keeps a failed record until a check of its table's columns answers
+    /// (`Core::judge_waiting`). Its offset is held; with `on_error = "stop"`
+    /// the batch holding the records before it goes now, so that they land
+    /// whatever the judgement, while later records of its partition wait.
+    fn await_check(
+        &mut self,
+        route_idx: usize,
+        key: PartitionKey,
+        generation: u64,
+        rec: &Record<'_>,
+        error: RecordError,
+    ) {
+        let ti = self.routes[route_idx].table;
+        let stop = self.routes[route_idx].on_error == OnError::Stop;
+        let slot = self.exactly_once.is_some().then_some(key);
+        if stop {
+            if let Some(bi) = self.tables[ti].batch_index(slot) {
+                self.close_batch(ti, bi);
+            }
+        }
+        let hold = self.tracker.hold(key, generation, rec.offset);
+        let bytes = crate::kafka::dead_letter::size_of(rec);
+        let t = &mut self.tables[ti];
+        t.buffered += bytes;
+        t.judging.push(Judging {
+            route: route_idx,
+            key,
+            generation,
+            record: OwnedRecord::of(rec),
+            error,
+            version: t.schema_version,
+            hold,
+            bytes,
+            stopped: false,
+        });
+    }
+
+    /// A check of table `ti`'s columns answered: the records waiting for it
+    /// are judged, or, if the table changed since they were decoded, read
+    /// again for the new columns.
+    fn judge_waiting(&mut self, ti: usize) {
+        self.follow_schema(ti);
+        let waiting = std::mem::take(&mut self.tables[ti].judging);
+        for mut j in waiting {
+            let t = &mut self.tables[ti];
+            if j.stopped {
+                t.judging.push(j);
+                continue;
+            }
+            t.buffered = t.buffered.saturating_sub(j.bytes);
+            if self.tracker.generation_of(j.key) != Some(j.generation) {
+                continue; // revoked meanwhile: its new owner reads it
+            }
+            if j.version != t.schema_version || t.reread.rewind.is_some() {
+                // Decoded for columns the table no longer has as they were:
+                // read again, with the batches after it (never sent: they
+                // waited for this judgement).
+                t.reread.begin(&mut self.tracker).lower(
+                    &mut self.tracker,
+                    j.key,
+                    j.generation,
+                    j.record.offset,
+                );
+                self.tracker.release(&j.hold);
+                self.drop_unsent(ti);
+                continue;
+            }
+            let record = j.record.clone();
+            let rec = record.as_record();
+            match self.judge(j.route, j.key, j.generation, &rec, j.error.clone()) {
+                Ok(()) => self.tracker.release(&j.hold),
+                // The hold and the gate stay: nothing at or after the record
+                // is committed, nothing after it sent.
+                Err(Halt::Stop(e)) => {
+                    self.fail(e);
+                    j.stopped = true;
+                    self.tables[ti].judging.push(j);
+                }
+                Err(Halt::StopTopic(e)) => {
+                    self.stop_topic(j.key.topic, j.route, e);
+                    j.stopped = true;
+                    self.tables[ti].judging.push(j);
+                }
+                Err(Halt::Quit) => self.tables[ti].judging.push(j),
+            }
+        }
+        self.send_waiting(ti);
     }
 
     /// Closes what is full after a record, and exactly-once batches that
@@ -1302,6 +1425,17 @@ impl Core {
         let t = &mut self.tables[ti];
         t.schema_version = v.version;
         t.reread.begin(&mut self.tracker).sink = true;
+        let dropped = self.drop_unsent(ti);
+        tracing::info!(table = %v.schema, version = v.version, dropped_batches = dropped,
+            in_sink = self.tables[ti].in_sink,
+            "decoding for the table's new columns; its records not yet inserted are read again");
+    }
+
+    /// Drops table `ti`'s batches not sent yet (open or waiting): the
+    /// rewind under way reads their records again. A replayed exactly-once
+    /// range is cut again at exactly its range. Returns how many.
+    fn drop_unsent(&mut self, ti: usize) -> usize {
+        let t = &mut self.tables[ti];
         let open: Vec<OpenBatch> = t.open.drain(..).collect();
         let waiting: Vec<ReadyBatch> = t.waiting.drain(..).collect();
         let dropped = open.len() + waiting.len();
@@ -1332,9 +1466,7 @@ impl Core {
                 self.tracker.release(s);
             }
         }
-        tracing::info!(table = %v.schema, version = v.version, dropped_batches = dropped,
-            in_sink = self.tables[ti].in_sink,
-            "decoding for the table's new columns; its records not yet inserted are read again");
+        dropped
     }
 
     /// Asks for the checks of tables' columns that failed records wait for,
@@ -1343,7 +1475,7 @@ impl Core {
     fn request_checks(&mut self, now: Instant) {
         for ti in 0..self.tables.len() {
             let t = &self.tables[ti];
-            let wanted = t.reread.rewind.as_ref().is_some_and(|r| r.check);
+            let wanted = t.judging.iter().any(|j| !j.stopped);
             if !wanted
                 || t.check.pending.is_some()
                 || t.check
@@ -1395,9 +1527,7 @@ impl Core {
                 if let Some(c) = coverage {
                     t.checked = c;
                 }
-                if let Some(r) = &mut t.reread.rewind {
-                    r.check = false;
-                }
+                self.judge_waiting(ti);
             }
             Err(e) => tracing::warn!(table = %t.name, error = %e,
                 "could not check the table's columns; the records that wait for the check stay uncommitted, \
@@ -1747,10 +1877,16 @@ impl Core {
                     None => format!("an open batch of {} ({} rows)", t.name, b.rows.len()),
                 };
             }
+            if t.judging.iter().any(|j| j.key == key) {
+                return format!(
+                    "a record that failed for {} waits for a check of the table's columns",
+                    t.name
+                );
+            }
             if let Some(b) = t.waiting.iter().find(|b| holds(&b.segments)) {
                 return if t.gated(b) {
                     format!(
-                        "a batch of {} waits for a dead letter below it to be acknowledged",
+                        "a batch of {} waits for a dead letter or a failed record below it",
                         t.name
                     )
                 } else {
@@ -1762,10 +1898,6 @@ impl Core {
             }
             if t.reread.holds().any(|s| s.key == key) {
                 return match &t.reread.rewind {
-                    Some(r) if r.check => format!(
-                        "records of {} wait for a check of its columns (a record failed in a way a table change could explain)",
-                        t.name
-                    ),
                     Some(_) => format!(
                         "{} changed: its records wait for the batches in its sink before they are read again",
                         t.name
@@ -1820,10 +1952,18 @@ impl Core {
     /// read records again. The topics of healthy tables keep flowing.
     fn topics_to_pause(&self) -> BTreeSet<u32> {
         let share = self.table_share();
+        // A batch held back for a failed record's judgement goes within a
+        // check's time: only its memory counts, not the wait.
         let full: Vec<bool> = self
             .tables
             .iter()
-            .map(|t| !t.waiting.is_empty() || t.buffered >= share || t.reread.rewind.is_some())
+            .map(|t| {
+                t.buffered >= share
+                    || t.reread.rewind.is_some()
+                    || t.waiting
+                        .iter()
+                        .any(|b| t.judging.is_empty() || !t.gated(b))
+            })
             .collect();
         (0..self.topics.len() as u32)
             .filter(|&ti| {
@@ -2128,6 +2268,14 @@ impl Core {
                 t.checked.remove(&key);
                 t.dead_letters.remove(&key);
                 t.replay_splits.remove(&key);
+                let gone: usize = t
+                    .judging
+                    .iter()
+                    .filter(|j| j.key == key)
+                    .map(|j| j.bytes)
+                    .sum();
+                t.judging.retain(|j| j.key != key);
+                t.buffered = t.buffered.saturating_sub(gone);
             }
             self.metrics
                 .forget_partition(&self.topics[key.topic as usize].name, key.partition);
@@ -2186,21 +2334,21 @@ impl Core {
     fn parked(&self, keys: &[PartitionKey]) -> (usize, usize) {
         let of = |s: &&Segment| keys.contains(&s.key);
         let refused = self.refused.iter().filter(of).count();
-        let gated_failed = if self.fatal.is_some() {
-            self.tables
-                .iter()
-                .flat_map(|t| t.waiting.iter().filter(|b| t.gated(b)))
-                .flat_map(|b| &b.segments)
-                .filter(of)
-                .count()
-        } else {
-            0
-        };
+        // Batches held back for good: by a dead letter that failed, or by a
+        // record the bridge or its topic stopped on.
+        let gated_failed: usize = self
+            .tables
+            .iter()
+            .filter(|t| self.fatal.is_some() || t.judging.iter().any(|j| j.stopped))
+            .flat_map(|t| t.waiting.iter().filter(|b| t.gated(b)))
+            .flat_map(|b| &b.segments)
+            .filter(of)
+            .count();
         let other = self.abandoned.iter().filter(of).count()
             + self
                 .tables
                 .iter()
-                .flat_map(|t| t.reread.holds())
+                .flat_map(|t| t.reread.holds().chain(t.judging.iter().map(|j| &j.hold)))
                 .filter(of)
                 .count()
             + gated_failed;
@@ -2223,6 +2371,8 @@ impl Core {
             if let Some(d) = self.stop_deadline() {
                 deadline = deadline.min(d);
             }
+            // Failed records waiting for a check hold batches back: ask.
+            self.request_checks(Instant::now());
             for ti in 0..self.tables.len() {
                 self.send_waiting(ti);
             }
@@ -3125,8 +3275,9 @@ mod tests {
     }
 
     /// Item 8: a record whose value does not convert (or whose field no
-    /// column takes) is judged only against columns read after it: before,
-    /// the table is checked, and the record read again.
+    /// column takes) is judged only against columns read after it: it waits
+    /// for a check of the table. With on_error = "stop" the records before
+    /// it go, nothing after it does, and nothing at or after it is committed.
     #[test]
     fn a_failed_record_waits_for_a_check_of_the_table_before_it_is_judged() {
         let mut h = harness_with(
@@ -3147,12 +3298,19 @@ mod tests {
         );
         h.core.on_record(&record(2, r#"{"id":2}"#));
         assert_eq!(h.core.tracker.position(P0), Some(0));
+        close_all(&mut h);
         h.core.service(&consumer);
         assert!(
-            consumer.seeks.borrow().is_empty(),
-            "read again before the check answered"
+            h.core.tables[0].check.pending.is_some(),
+            "no check asked for"
         );
-        // The check answers: the table did not change.
+        // The batch before the record went; the one after it waits.
+        assert_eq!(offsets(&h.sinks[0].try_recv().unwrap()), vec![0]);
+        assert!(
+            h.sinks[0].try_recv().is_err(),
+            "a row after the failed record was sent"
+        );
+        // The check answers: the table did not change. Judged now: stop.
         h.events
             .send(SinkEvent::SchemaChecked {
                 table: 0,
@@ -3160,17 +3318,24 @@ mod tests {
             })
             .unwrap();
         h.core.service(&consumer);
-        assert_eq!(*consumer.seeks.borrow(), vec![("t".to_string(), 0, 1)]);
-        // Read again, it is judged now: the route stops on it.
-        assert_eq!(h.core.on_record(&record(1, r#"{"id":-1}"#)), Flow::Stop);
         assert!(matches!(
             h.core.fatal(),
             Some(PipelineError::BadRecord { offset: 1, .. })
         ));
+        assert!(
+            consumer.seeks.borrow().is_empty(),
+            "nothing needs reading again"
+        );
+        assert!(
+            h.sinks[0].try_recv().is_err(),
+            "a row after the failed record was sent"
+        );
+        assert_eq!(h.core.tracker.position(P0), Some(0));
     }
 
     /// Item 8: ... and when the check finds the column changed, the record is
-    /// decoded for the new type instead of being refused.
+    /// decoded for the new type instead of being refused: it is read again
+    /// with the rows not inserted yet.
     #[test]
     fn a_value_only_the_new_column_type_holds_lands_after_the_check() {
         let mut h = harness_with(
@@ -3184,6 +3349,8 @@ mod tests {
         h.core.on_assign(&[("t".into(), 0)]);
         h.core.on_record(&record(0, r#"{"id":1}"#));
         h.core.on_record(&record(1, r#"{"id":-1}"#));
+        h.core.on_record(&record(2, r#"{"id":2}"#));
+        h.core.service(&consumer);
         // MODIFY COLUMN id Int64, found by the check.
         history.observe(TableSchema::from_columns("db", "a", &[("id", "Int64")]));
         h.events
@@ -3192,6 +3359,22 @@ mod tests {
                 result: Ok(()),
             })
             .unwrap();
+        h.core.service(&consumer);
+        assert!(h.core.fatal().is_none(), "{:?}", h.core.fatal());
+        // The batch before the failed record (on_error = "stop" sends it at
+        // once) comes back from the sink as stale; the batch after it was
+        // dropped: both are read again, with the failed record.
+        assert!(
+            consumer.seeks.borrow().is_empty(),
+            "read again before the sink answered"
+        );
+        let before = h.sinks[0].try_recv().unwrap();
+        assert_eq!(offsets(&before), vec![0]);
+        h.core.on_event(SinkEvent::Stale {
+            batch: before,
+            recorded: false,
+            splits: vec![],
+        });
         h.core.service(&consumer);
         assert_eq!(*consumer.seeks.borrow(), vec![("t".to_string(), 0, 0)]);
         for o in 0..3 {
@@ -3356,10 +3539,12 @@ mod tests {
                         seeks_seen = seeks.len();
                     }
                     let idle = position.iter().all(|&p| p == N)
-                        && h.core
-                            .tables
-                            .iter()
-                            .all(|t| t.reread.is_idle() && t.in_sink == 0)
+                        && h.core.tables.iter().all(|t| {
+                            t.reread.is_idle()
+                                && t.in_sink == 0
+                                && t.judging.is_empty()
+                                && t.waiting.is_empty()
+                        })
                         && h.sinks.iter().all(|s| s.is_empty());
                     if idle {
                         close_all(&mut h);

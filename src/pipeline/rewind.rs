@@ -1,23 +1,17 @@
 //! Reading records of one table again, from Kafka.
 //!
-//! Two things make a table read some of its records a second time:
-//! - Its columns changed (schema drift). Rows decoded for the old columns and
-//!   not yet in ClickHouse cannot be re-encoded for the new ones: decoding
-//!   dropped whatever the old columns had no place for (a field that is now
-//!   a column, a value that only the new type can hold). They are decoded
-//!   again from their records.
-//! - A record failed in a way a table change could explain (a value that
-//!   does not convert, a field no column takes) and the table was not
-//!   checked since the record was read. The record waits for a check of the
-//!   table's columns instead of being skipped, dead-lettered or stopped on
-//!   for a schema that may be stale.
+//! A table reads records a second time when its columns changed (schema
+//! drift): rows decoded for the old columns and not yet in ClickHouse cannot
+//! be re-encoded for the new ones, since decoding dropped whatever the old
+//! columns had no place for (a field that is now a column, a value only the
+//! new type can hold). They are decoded again from their records.
 //!
 //! While a table rewinds, its records are deferred: not placed, and each
 //! partition's lowest deferred or dropped offset is held in the
-//! [`OffsetTracker`], so the commit cannot pass it. Once the rewind waits for
-//! nothing, the consumer seeks each partition back to that offset and the
-//! table takes the records from there up to where reading had got (a
-//! [`Redo`]). The other tables skip them: they had them already.
+//! [`OffsetTracker`], so the commit cannot pass it. Once the batches it had
+//! in its sink are back, the consumer seeks each partition back to that
+//! offset and the table takes the records from there up to where reading had
+//! got (a [`Redo`]). The other tables skip them: they had them already.
 
 use crate::kafka::offsets::{FastMap, OffsetTracker, PartitionKey, Segment};
 
@@ -27,8 +21,6 @@ use crate::kafka::offsets::{FastMap, OffsetTracker, PartitionKey, Segment};
 #[derive(Debug, Default)]
 pub struct Rewind {
     starts: FastMap<PartitionKey, Segment>,
-    /// A check of the table's columns was asked for and has not answered.
-    pub check: bool,
     /// The table's batches that were in its sink when the columns changed
     /// must come back first (inserted, or returned as stale).
     pub sink: bool,
@@ -57,7 +49,7 @@ impl Rewind {
     }
 
     fn ready(&self, in_sink: usize) -> bool {
-        !(self.check || (self.sink && in_sink > 0))
+        !(self.sink && in_sink > 0)
     }
 }
 
@@ -245,12 +237,11 @@ mod tests {
         for o in 0..10 {
             assert_eq!(read(&mut t, &mut r, o), Admit::Take);
         }
-        r.begin(&mut t).check = true;
+        r.begin(&mut t).sink = true;
         assert_eq!(read(&mut t, &mut r, 10), Admit::Defer);
         assert_eq!(read(&mut t, &mut r, 11), Admit::Defer);
         assert_eq!(t.position(P0), Some(10), "the deferred records are held");
-        assert_eq!(r.finish(&mut t, 0), None, "still waiting for the check");
-        r.rewind.as_mut().unwrap().check = false;
+        assert_eq!(r.finish(&mut t, 1), None, "a batch is still in the sink");
         assert_eq!(r.finish(&mut t, 0), Some(vec![(P0, 10)]));
         // The consumer reads 10 and 11 again: the table takes them; then new ones.
         assert_eq!(read(&mut t, &mut r, 10), Admit::Take);
@@ -293,7 +284,6 @@ mod tests {
             assert_eq!(read(&mut t, &mut r, o), Admit::Skip, "offset {o}");
         }
         assert_eq!(read(&mut t, &mut r, 8), Admit::Defer);
-        r.rewind.as_mut().unwrap().check = false;
         assert_eq!(r.finish(&mut t, 0), Some(vec![(P0, 8)]));
     }
 
