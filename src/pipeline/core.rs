@@ -989,10 +989,13 @@ impl Core {
         let ti = self.routes[route_idx].table;
         let stop = self.routes[route_idx].on_error == OnError::Stop;
         let slot = self.exactly_once.is_some().then_some(key);
-        if stop {
-            if let Some(bi) = self.tables[ti].batch_index(slot) {
-                self.close_batch(ti, bi);
-            }
+        // Not a replayed range: it is cut at its recorded end only.
+        let t = &self.tables[ti];
+        let open = t
+            .batch_index(slot)
+            .filter(|&bi| t.open[bi].replay_last.is_none());
+        if let (true, Some(bi)) = (stop, open) {
+            self.close_batch(ti, bi);
         }
         let hold = self.tracker.hold(key, generation, rec.offset);
         let bytes = crate::kafka::dead_letter::size_of(rec);
