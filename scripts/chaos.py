@@ -274,7 +274,12 @@ class Run:
         self.deadline = self.t0 + profile.deadline_s
         self.rng = random.Random("%s/faults/%s/%s" % (args.seed, mode, scenario))
         self.dir = os.path.join(OUT, mode, scenario)
+        # A server left from an interrupted run may still be writing here:
+        # say so rather than fail on a half-removed directory.
         shutil.rmtree(self.dir, ignore_errors=True)
+        if os.path.exists(self.dir):
+            raise SystemExit("chaos: cannot clear %s; is a server from an earlier run "
+                             "still running? (pgrep -af %s)" % (self.dir, OUT))
         os.makedirs(self.dir)
         ports = free_ports(3 + 1 + profile.extra_replicas)
         self.ch = ClickHouse(os.path.join(self.dir, "clickhouse"), ports[0], ports[1])
