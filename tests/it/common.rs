@@ -40,10 +40,19 @@ pub fn repo() -> PathBuf {
 }
 
 /// A name unique to this test run, safe as a topic, table or group name.
+/// The start time is part of it: Apache Kafka keeps its topics and groups
+/// across runs, and a process id alone comes back.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() % 1_000_000)
+            .unwrap_or(0)
+    });
     format!(
-        "{prefix}_{}_{}",
+        "{prefix}_{}_{start}_{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
