@@ -7,8 +7,9 @@ export CH_TCP_PORT ?= 9000
 export KAFKA_PORT ?= 9092
 export KAFKA_CONTROLLER_PORT ?= 9093
 export TANSU_PORT ?= 9094
+export CH_HTTPS_PORT ?= 8443
 
-.PHONY: help demo demo-stop test unit it it-tansu chaos chaos-short bench bench-micro fuzz lint lint-deploy image fmt build release stack-up stack-down stack-status
+.PHONY: help demo demo-stop test unit it it-https it-tansu chaos chaos-short bench bench-micro fuzz lint lint-deploy image fmt build release stack-up stack-down stack-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -20,10 +21,17 @@ demo-stop: ## stop the demo bridge and the local stack
 	scripts/demo.sh stop
 	scripts/stack.sh stop
 
-test: stack-up lint-deploy ## the whole suite: deployment lint, unit, integration on Apache Kafka, the tansu subset, short fault injection
+test: stack-up lint-deploy ## the whole suite: deployment lint, unit, integration on Apache Kafka, an HTTPS subset, the tansu subset, short fault injection
 	cargo test --all-targets
+	$(MAKE) it-https
 	$(MAKE) it-tansu
 	$(MAKE) chaos-short
+
+# The same bridges over HTTPS with a client certificate (the stack's own CA,
+# scripts/stack.sh): end to end, exactly-once, ClickHouse outages.
+HTTPS_SUBSET := end_to_end:: exactly_once:: clickhouse_outage::
+it-https: stack-up ## the end-to-end, exactly-once and outage tests with chbridge talking HTTPS to ClickHouse
+	CHBRIDGE_IT_HTTPS=1 cargo test --test it -- $(HTTPS_SUBSET)
 
 # The compatibility subset on a second Kafka-protocol broker: end to end,
 # restarts, rebalances and exactly-once (docs/compatibility.md).

@@ -1,7 +1,16 @@
 #!/usr/bin/env python3
 """Run a real ClickHouse server (26.9, from PyPI chdb-core) on 127.0.0.1.
 
-Usage: clickhouse_server.py DATA_DIR HTTP_PORT TCP_PORT
+Usage: clickhouse_server.py DATA_DIR HTTP_PORT TCP_PORT [HTTPS_PORT TLS_DIR]
+
+With HTTPS_PORT and TLS_DIR (server.pem, server.key and ca.pem, as
+scripts/stack.sh generates them), the server also answers HTTPS there.
+clickhouse-local opens only its HTTP and TCP handlers (`SYSTEM START LISTEN
+HTTPS` is refused, `https_port` is ignored), so TLS is terminated in this
+process by Python's ssl (OpenSSL) and the bytes go on to HTTP_PORT: the
+client's side of TLS is real, and the endpoint dies with the server (kill -9
+or SIGSTOP of this process takes both down). A client certificate is verified
+against ca.pem when one is sent, not required.
 
 chdb embeds clickhouse-local. clickhouse-local opens the real HTTP and native
 TCP handlers on `SYSTEM START LISTEN`, but they live only while that query
@@ -59,6 +68,53 @@ CONFIG = """<clickhouse>
 """
 
 
+
+def serve_https(port, tls_dir, http_port, failure):
+    """TLS on 127.0.0.1:port, each connection piped to the HTTP port."""
+    import asyncio
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(os.path.join(tls_dir, "server.pem"), os.path.join(tls_dir, "server.key"))
+    ctx.load_verify_locations(os.path.join(tls_dir, "ca.pem"))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+
+    async def pipe(reader, writer):
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass
+        finally:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    async def client(reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", http_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def main():
+        server = await asyncio.start_server(client, "127.0.0.1", port, ssl=ctx, backlog=256)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        asyncio.run(main())
+    except Exception as e:
+        failure.append("https on port %d: %s" % (port, e))
+
+
 def http(port, sql, timeout=5.0):
     url = "http://127.0.0.1:%d/?%s" % (port, urllib.parse.urlencode({"query": sql}))
     with urllib.request.urlopen(url, data=b"", timeout=timeout) as r:
@@ -66,10 +122,13 @@ def http(port, sql, timeout=5.0):
 
 
 def main():
-    if len(sys.argv) != 4:
-        sys.exit("usage: clickhouse_server.py DATA_DIR HTTP_PORT TCP_PORT")
+    if len(sys.argv) not in (4, 6):
+        sys.exit("usage: clickhouse_server.py DATA_DIR HTTP_PORT TCP_PORT [HTTPS_PORT TLS_DIR]")
     data_dir = os.path.realpath(sys.argv[1])
     http_port, tcp_port = int(sys.argv[2]), int(sys.argv[3])
+    https = None
+    if len(sys.argv) == 6:
+        https = (int(sys.argv[4]), os.path.realpath(sys.argv[5]))
     work_dir = os.path.dirname(data_dir)
     os.makedirs(data_dir, exist_ok=True)
 
@@ -110,6 +169,9 @@ def main():
 
     t = threading.Thread(target=serve, name="clickhouse", daemon=True)
     t.start()
+    if https:
+        threading.Thread(target=serve_https, args=(https[0], https[1], http_port, failure),
+                         name="https", daemon=True).start()
 
     def ours():
         # True once our own server answers on HTTP_PORT. Compares the data
@@ -123,14 +185,16 @@ def main():
             return False
 
     ready = False
-    while t.is_alive() and not stopping.is_set():
+    while t.is_alive() and not stopping.is_set() and not failure:
         if not ready and ours():
             ready = True
-            print("ready: http=%d tcp=%d data=%s" % (http_port, tcp_port, data_dir), flush=True)
+            print("ready: http=%d tcp=%d https=%s data=%s"
+                  % (http_port, tcp_port, https[0] if https else "-", data_dir), flush=True)
         time.sleep(0.1)
 
-    if not t.is_alive():  # the server query ended on its own: an error
-        sys.exit("clickhouse stopped: %s" % (failure[0] if failure else "unknown error"))
+    if not t.is_alive() or failure:  # the server query ended on its own, or HTTPS failed
+        print("clickhouse stopped: %s" % (failure[0] if failure else "unknown error"), file=sys.stderr, flush=True)
+        os._exit(1)  # not sys.exit: clickhouse-local may still be serving
 
     # Shutdown: kill only the keep-alive query, then let clickhouse-local exit.
     # Retried briefly: a signal may arrive before the HTTP handler is up.

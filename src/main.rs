@@ -196,8 +196,15 @@ async fn state_clear(path: &std::path::Path, topic: Option<&str>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let client = match chbridge::sink::client(&config.clickhouse) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chbridge state clear: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let store = chbridge::exactly_once::StateStore::new(
-        chbridge::sink::client(&config.clickhouse),
+        client,
         config.state_table(),
         &config.kafka.group_id,
     );

@@ -107,7 +107,7 @@ pub async fn replay(config: &Config, range: &Range) -> Result<Report, String> {
             range.route
         )
     })?;
-    let client = crate::sink::client(&config.clickhouse);
+    let client = crate::sink::client(&config.clickhouse)?;
     let (db, t) = config.route_table(range.route);
     let schema = crate::schema::load_table(&client, &db, &t)
         .await
@@ -124,7 +124,7 @@ pub async fn replay(config: &Config, range: &Range) -> Result<Report, String> {
         .create()
         .map_err(|e| crate::kafka::describe_client_error(&e))?;
     let job = Job {
-        writer: ClickHouseWriter::new(&config.clickhouse, &config.kafka.group_id),
+        writer: ClickHouseWriter::new(&config.clickhouse, &config.kafka.group_id)?,
         sql: schema.insert_sql(),
         table,
         topics: route.topics.clone(),

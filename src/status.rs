@@ -428,7 +428,10 @@ async fn last_inserts(config: &Config, timeout: Duration) -> (Vec<TableStatus>, 
             })
             .collect()
     };
-    let client = crate::sink::client(&config.clickhouse);
+    let client = match crate::sink::client(&config.clickhouse) {
+        Ok(c) => c,
+        Err(e) => return (unknown(&tables), Some(format!("clickhouse: {e}"))),
+    };
     let query = client
         .query(
             "SELECT t, toInt64(toUnixTimestamp(max(event_time))) FROM system.query_log \

@@ -174,7 +174,7 @@ pub async fn run(
     metrics
         .buffered_bytes_limit
         .set(config.max_buffered_bytes.as_u64() as i64);
-    let client = sink::client(&config.clickhouse);
+    let client = sink::client(&config.clickhouse).map_err(PipelineError::Config)?;
     // A bridge may start before ClickHouse (a pod restart, a whole-cluster
     // start): wait for it, as for any transient failure, instead of exiting.
     let mut attempt = 0;
@@ -222,10 +222,10 @@ pub async fn run(
     let topic_names: Vec<String> = config.topics();
     let topic_list = Arc::new(topic_names.clone());
     let sinks_cancel = CancellationToken::new();
-    let writer = Arc::new(ClickHouseWriter::new(
-        &config.clickhouse,
-        &config.kafka.group_id,
-    ));
+    let writer = Arc::new(
+        ClickHouseWriter::new(&config.clickhouse, &config.kafka.group_id)
+            .map_err(PipelineError::Config)?,
+    );
     let mut tables = Vec::new();
     let mut policy_txs = Vec::new();
     for (ti, s) in schemas.iter().enumerate() {
@@ -457,7 +457,10 @@ async fn prepare_exactly_once(
     let problems = exactly_once::table_problems(client, &tables)
         .await
         .map_err(|e| {
-            let message = format!("cannot read the target tables' engines: {e}");
+            let message = format!(
+                "cannot read the target tables' engines: {}",
+                sink::errors::classify(&e).message
+            );
             if sink::errors::classify(&e).class != sink::ErrorClass::Transient {
                 return PipelineError::Config(message);
             }

@@ -247,7 +247,10 @@ struct SystemColumn {
 pub enum SchemaError {
     #[error("table {database}.{table} does not exist: create it, or fix the route's `table`")]
     NoSuchTable { database: String, table: String },
-    #[error("could not read the schema of {database}.{table} from ClickHouse: {source}")]
+    #[error(
+        "could not read the schema of {database}.{table} from ClickHouse: {}",
+        crate::sink::errors::classify(source).message
+    )]
     ClickHouse {
         database: String,
         table: String,

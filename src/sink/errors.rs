@@ -232,7 +232,30 @@ pub fn classify(err: &clickhouse::error::Error) -> InsertError {
             None if body.contains("401") || body.contains("403") => (ErrorClass::Fatal, None),
             None => (ErrorClass::Transient, None),
         },
-        E::Network(_) | E::TimedOut => (ErrorClass::Transient, None),
+        E::Network(e) => {
+            // The crate's message stops at "client error (Connect)": the
+            // causes (refused, TLS, DNS) are in the source chain.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
+            while let Some(cause) = source {
+                // Some layers print their cause already.
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    message.push_str(&format!(": {text}"));
+                }
+                source = cause.source();
+            }
+            if super::tls::is_verification_failure(&message) {
+                message.push_str(
+                    " (the ClickHouse server's TLS certificate does not verify: set \
+                     `clickhouse.ca_file` to the CA that signed it, or check the host name \
+                     in `clickhouse.url`; chbridge never skips verification)",
+                );
+                (ErrorClass::Fatal, None)
+            } else {
+                (ErrorClass::Transient, None)
+            }
+        }
+        E::TimedOut => (ErrorClass::Transient, None),
         E::InvalidParams(_) | E::Unsupported(_) => (ErrorClass::Fatal, None),
         _ => (ErrorClass::Transient, None),
     };
@@ -246,6 +269,21 @@ pub fn classify(err: &clickhouse::error::Error) -> InsertError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_that_does_not_verify_is_told_from_a_server_that_is_down() {
+        use super::super::tls::is_verification_failure;
+        assert!(is_verification_failure(
+            "client error (Connect): error:0A000086:SSL routines:tls_post_process_server_certificate:\
+             certificate verify failed: (self-signed certificate in certificate chain)"
+        ));
+        assert!(is_verification_failure(
+            "ssl3_get_record:wrong version number"
+        ));
+        assert!(!is_verification_failure(
+            "client error (Connect): tcp connect error: Connection refused (os error 111)"
+        ));
+    }
 
     #[test]
     fn codes_parse_from_clickhouse_bodies() {

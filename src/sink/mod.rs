@@ -3,6 +3,7 @@
 //! outcome back to the pipeline, which alone moves offsets.
 
 pub mod errors;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::mpsc as std_mpsc;
@@ -132,8 +133,13 @@ pub struct ClickHouseWriter {
 const CHUNK: usize = 1 << 20;
 
 /// The client every part of chbridge uses for one ClickHouse configuration.
-pub fn client(cfg: &ClickHouseConfig) -> clickhouse::Client {
-    let mut c = clickhouse::Client::default()
+pub fn client(cfg: &ClickHouseConfig) -> Result<clickhouse::Client, String> {
+    let base = if cfg.url.starts_with("https://") {
+        clickhouse::Client::with_http_client(tls::http_client(cfg)?)
+    } else {
+        clickhouse::Client::default()
+    };
+    let mut c = base
         .with_url(cfg.url.clone())
         .with_user(cfg.user.clone())
         .with_compression(if cfg.compression {
@@ -147,7 +153,7 @@ pub fn client(cfg: &ClickHouseConfig) -> clickhouse::Client {
     if !cfg.password.is_empty() {
         c = c.with_password(cfg.password.expose().to_string());
     }
-    c
+    Ok(c)
 }
 
 /// The `log_comment` of the group's inserts: `chbridge status` finds the
@@ -157,11 +163,11 @@ pub fn log_comment(group: &str) -> String {
 }
 
 impl ClickHouseWriter {
-    pub fn new(cfg: &ClickHouseConfig, group: &str) -> ClickHouseWriter {
-        ClickHouseWriter {
-            client: client(cfg).with_setting("log_comment", log_comment(group)),
+    pub fn new(cfg: &ClickHouseConfig, group: &str) -> Result<ClickHouseWriter, String> {
+        Ok(ClickHouseWriter {
+            client: client(cfg)?.with_setting("log_comment", log_comment(group)),
             timeout: cfg.insert_timeout,
-        }
+        })
     }
 }
 

@@ -25,6 +25,7 @@ fn clickhouse_down_for_ten_seconds_no_loss_no_early_commit() {
         &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
     );
     cfg.ch_port = server.http_port;
+    cfg.ch_https_port = server.https_port;
     // A small budget, so that the outage fills it and consumption must pause.
     // A short stall timeout, so that the watchdog reports the outage.
     cfg.extra = "max_buffered_bytes = \"512KiB\"\nstall_timeout = \"4s\"".into();
@@ -157,6 +158,7 @@ fn a_bridge_started_before_clickhouse_waits_for_it() {
         &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
     );
     cfg.ch_port = server.http_port;
+    cfg.ch_https_port = server.https_port;
     let mut bridge = Bridge::start(&cfg, &dir);
     thread::sleep(Duration::from_secs(3));
     assert!(

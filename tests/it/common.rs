@@ -277,10 +277,53 @@ pub struct BridgeConfig {
     /// More keys of the [batch] section.
     pub batch_extra: String,
     pub ch_port: u16,
+    /// The HTTPS port of the same server, used when `over_https()`.
+    pub ch_https_port: u16,
+    /// The `[clickhouse]` keys that reach the server (url, TLS), instead of
+    /// those worked out from the ports.
+    pub ch_keys: Option<String>,
     pub http_port: u16,
 }
 
+/// The stack's certificates (scripts/stack.sh): a CA, the server's, a client's.
+pub fn tls_dir() -> PathBuf {
+    repo().join(".stack/tls")
+}
+
+pub fn ch_https_port() -> u16 {
+    env_port("CH_HTTPS_PORT", 8443)
+}
+
+/// `CHBRIDGE_IT_HTTPS=1` (make it-https) runs the bridges of the tests over
+/// HTTPS with a client certificate, against the stack's ClickHouse.
+pub fn over_https() -> bool {
+    std::env::var("CHBRIDGE_IT_HTTPS").is_ok_and(|v| v == "1")
+}
+
+/// The `[clickhouse]` keys that reach a ClickHouse of the tests over HTTPS on
+/// `port`, trusting the stack's CA and presenting the client certificate.
+pub fn https_keys(port: u16) -> String {
+    let tls = tls_dir();
+    format!(
+        "url = \"https://127.0.0.1:{}\"\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+        port,
+        tls.join("ca.pem").display(),
+        tls.join("client.pem").display(),
+        tls.join("client.key").display()
+    )
+}
+
 impl BridgeConfig {
+    fn clickhouse(&self) -> String {
+        if let Some(keys) = &self.ch_keys {
+            keys.clone()
+        } else if over_https() {
+            https_keys(self.ch_https_port)
+        } else {
+            format!("url = \"http://127.0.0.1:{}\"", self.ch_port)
+        }
+    }
+
     pub fn new(group: &str, database: &str, routes: &str) -> BridgeConfig {
         BridgeConfig {
             group: group.to_string(),
@@ -289,6 +332,8 @@ impl BridgeConfig {
             extra: String::new(),
             batch_extra: String::new(),
             ch_port: ch_port(),
+            ch_https_port: ch_https_port(),
+            ch_keys: None,
             http_port: free_port(),
         }
     }
@@ -306,7 +351,7 @@ group_id = "{group}"
 "heartbeat.interval.ms" = "600"
 
 [clickhouse]
-url = "http://127.0.0.1:{ch}"
+{clickhouse}
 database = "{db}"
 
 [batch]
@@ -330,7 +375,7 @@ level = "info,librdkafka=warn"
             batch_extra = self.batch_extra,
             brokers = brokers(),
             group = self.group,
-            ch = self.ch_port,
+            clickhouse = self.clickhouse(),
             db = self.database,
             http = self.http_port,
             routes = self.routes,
@@ -440,6 +485,7 @@ impl Drop for Bridge {
 /// A private ClickHouse server (own data directory and ports) that a test may kill.
 pub struct PrivateClickHouse {
     pub http_port: u16,
+    pub https_port: u16,
     pub tcp_port: u16,
     pub dir: PathBuf,
     child: Option<Child>,
@@ -449,6 +495,7 @@ impl PrivateClickHouse {
     pub fn start(dir: &Path) -> PrivateClickHouse {
         let mut ch = PrivateClickHouse {
             http_port: free_port(),
+            https_port: free_port(),
             tcp_port: free_port(),
             dir: dir.join("clickhouse"),
             child: None,
@@ -467,6 +514,8 @@ impl PrivateClickHouse {
             .arg(self.dir.join("data"))
             .arg(self.http_port.to_string())
             .arg(self.tcp_port.to_string())
+            .arg(self.https_port.to_string())
+            .arg(tls_dir())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("server.log")).expect("log"))
             .spawn()

@@ -126,6 +126,7 @@ fn prometheus_scrapes_rows_and_lag_per_partition() {
         &format!("[[routes]]\ntopics = [\"{topic}\"]\ntable = \"t\"\n"),
     );
     cfg.ch_port = server.http_port;
+    cfg.ch_https_port = server.https_port;
     let _bridge = Bridge::start(&cfg, &dir);
     let prom = Prometheus::start(&dir, cfg.http_port);
     let prod = TestProducer::new();
