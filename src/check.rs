@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
+
+use crate::kafka::refusal;
 
 use crate::config::{Config, Delivery};
 use crate::exactly_once::{self, StateStore};
@@ -24,15 +26,12 @@ pub async fn check(config: &Config) -> Report {
 
     // Kafka: reachable, and every topic exists.
     let kafka = crate::kafka::client_config(&config.kafka);
-    match kafka.create::<BaseConsumer>() {
-        Err(e) => problems.push(format!(
-            "kafka: cannot create a client: {}",
-            crate::kafka::describe_client_error(&e)
-        )),
+    match refusal::watched(&kafka, &config.kafka) {
+        Err(e) => problems.push(format!("kafka: cannot create a client: {e}")),
         Ok(consumer) => {
             let topics = config.topics();
             let found = tokio::task::spawn_blocking(move || {
-                topics
+                let found = topics
                     .into_iter()
                     .map(|t| {
                         let r = consumer
@@ -44,12 +43,19 @@ pub async fn check(config: &Config) -> Report {
                             });
                         (t, r)
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                let refused = found
+                    .iter()
+                    .any(|(_, r)| r.is_err())
+                    .then(|| refusal::refused(&consumer))
+                    .flatten();
+                (found, refused)
             })
             .await;
             match found {
                 Err(e) => problems.push(format!("kafka: metadata lookup failed: {e}")),
-                Ok(list) => {
+                Ok((_, Some(refused))) => problems.push(format!("kafka: {refused}")),
+                Ok((list, None)) => {
                     let _ = writeln!(text, "kafka: {}", config.kafka.brokers);
                     for (topic, r) in list {
                         match r {

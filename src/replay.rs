@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::Consumer as _;
+
+use crate::kafka::refusal::{self, WatchedConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -120,9 +122,7 @@ pub async fn replay(config: &Config, range: &Range) -> Result<Report, String> {
         "group.id",
         format!("{}.chbridge-replay", config.kafka.group_id),
     );
-    let consumer: BaseConsumer = c
-        .create()
-        .map_err(|e| crate::kafka::describe_client_error(&e))?;
+    let consumer = refusal::watched(&c, &config.kafka)?;
     let job = Job {
         writer: ClickHouseWriter::new(&config.clickhouse, &config.kafka.group_id)?,
         sql: schema.insert_sql(),
@@ -135,9 +135,12 @@ pub async fn replay(config: &Config, range: &Range) -> Result<Report, String> {
     };
     let (partition, from, to) = (range.partition, range.from, range.to);
     // Reading and decoding are blocking librdkafka work: off the async workers.
-    tokio::task::spawn_blocking(move || job.run(&consumer, decoder, partition, from, to))
-        .await
-        .map_err(|e| format!("reading the dead-letter topic failed: {e}"))?
+    tokio::task::spawn_blocking(move || {
+        let result = job.run(&consumer, decoder, partition, from, to);
+        refusal::explain(&consumer, result)
+    })
+    .await
+    .map_err(|e| format!("reading the dead-letter topic failed: {e}"))?
 }
 
 struct Job {
@@ -154,7 +157,7 @@ struct Job {
 impl Job {
     fn run(
         &self,
-        consumer: &BaseConsumer,
+        consumer: &WatchedConsumer,
         mut decoder: Box<dyn Decoder>,
         partition: Option<i32>,
         from: Option<i64>,

@@ -19,7 +19,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
+
+use crate::kafka::refusal::{self, WatchedConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -135,9 +137,15 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
         .set("auto.offset.reset", "error")
         .set("statistics.interval.ms", "0")
         .set("client.id", "chbridge-status");
-    let consumer: BaseConsumer = cc
-        .create()
-        .map_err(|e| crate::kafka::describe_client_error(&e))?;
+    let consumer = refusal::watched(&cc, &config.kafka)?;
+    refusal::explain(&consumer, read_with(&consumer, config, deadline))
+}
+
+fn read_with(
+    consumer: &WatchedConsumer,
+    config: &Config,
+    deadline: Instant,
+) -> Result<KafkaView, String> {
     let mut notes = Vec::new();
 
     // Partitions of every topic the routes read.
@@ -205,7 +213,7 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
             .filter(|p| &p.topic == topic && !unreadable.contains(&(p.topic.clone(), p.partition)))
             .collect();
         if let Err(e) = read_ends(
-            &consumer,
+            consumer,
             config,
             of_topic,
             &mut oldest,
@@ -227,7 +235,7 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
         }
     }
 
-    let group = group::describe(&consumer, &config.kafka.group_id, left(deadline));
+    let group = group::describe(consumer, &config.kafka.group_id, left(deadline));
     if let Ok(g) = &group {
         let owners = g.owners();
         for p in &mut parts {
@@ -235,7 +243,7 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
         }
     }
 
-    judge(&consumer, config, &mut parts);
+    judge(consumer, config, &mut parts);
     Ok((parts, group, notes))
 }
 
@@ -243,7 +251,7 @@ fn read_kafka(config: &Config, timeout: Duration) -> Result<KafkaView, String> {
 /// record at each committed offset into `oldest`. Problems of one partition
 /// become notes; the others are still read.
 fn read_ends(
-    consumer: &BaseConsumer,
+    consumer: &WatchedConsumer,
     config: &Config,
     mut parts: Vec<&mut PartitionStatus>,
     oldest: &mut HashMap<(String, i32), i64>,
@@ -353,7 +361,7 @@ fn read_ends(
 /// than `stall_timeout` are watched: a commit that moves means a backlog
 /// being worked off, not a stall. The watch lasts two commit intervals or two
 /// batch waits, whichever is longer, plus 5 s for an insert, at most 30 s.
-fn judge(consumer: &BaseConsumer, config: &Config, parts: &mut [PartitionStatus]) {
+fn judge(consumer: &WatchedConsumer, config: &Config, parts: &mut [PartitionStatus]) {
     let stall = i64::try_from(config.stall_timeout.as_millis()).unwrap_or(i64::MAX);
     let mut suspects = TopicPartitionList::new();
     for p in parts.iter_mut() {

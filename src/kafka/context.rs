@@ -16,6 +16,7 @@ use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::TopicPartitionList;
 
+use crate::kafka::refusal::{Refusal, Security};
 use crate::observability::{Health, Metrics};
 use crate::pipeline::core::Core;
 use crate::sink::SinkEvent;
@@ -29,6 +30,9 @@ pub struct BridgeContext {
     /// Failed commits reach the core through its events: the callback can run
     /// inside a synchronous commit the core itself makes, lock held.
     events: std_mpsc::Sender<SinkEvent>,
+    /// Shared with the dead-letter producer: the loop stops on either's.
+    refusal: Refusal,
+    security: Security,
 }
 
 impl BridgeContext {
@@ -37,13 +41,22 @@ impl BridgeContext {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         events: std_mpsc::Sender<SinkEvent>,
+        refusal: Refusal,
+        security: Security,
     ) -> BridgeContext {
         BridgeContext {
             core: Mutex::new(core),
             metrics,
             health,
             events,
+            refusal,
+            security,
         }
+    }
+
+    /// A refusal of the brokers (wrong password, certificate), if any client met one.
+    pub fn refused(&self) -> Option<&str> {
+        self.refusal.get()
     }
 
     /// The pipeline state. Never held across `poll`.
@@ -76,7 +89,9 @@ impl ClientContext for BridgeContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+        if !self.refusal.note(&self.security, &error, reason) {
+            tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+        }
     }
 
     /// Lag per partition. The high watermark comes from fetch responses: some

@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::config::KafkaConfig;
 use crate::kafka::offsets::Segment;
+use crate::kafka::refusal::{Refusal, Security};
 use crate::kafka::Record;
 use crate::sink::SinkEvent;
 
@@ -50,9 +51,18 @@ pub enum Ticket {
 
 pub struct DeliveryContext {
     events: std_mpsc::Sender<SinkEvent>,
+    /// The consumer's: a producer the brokers refuse stops the bridge too.
+    refusal: Refusal,
+    security: Security,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !self.refusal.note(&self.security, &error, reason) {
+            tracing::warn!(target: "librdkafka", error = %error, "dead-letter producer: {reason}");
+        }
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<Ticket>;
@@ -145,6 +155,7 @@ impl DeadLetters {
         cfg: &KafkaConfig,
         events: std_mpsc::Sender<SinkEvent>,
         queue_bytes: u64,
+        refusal: Refusal,
     ) -> Result<DeadLetters, KafkaError> {
         let mut p = connection_properties(cfg);
         // A dead letter must not be lost or doubled by the producer itself.
@@ -155,7 +166,11 @@ impl DeadLetters {
                 "queue.buffering.max.kbytes",
                 (queue_bytes / 1024).max(1024).to_string(),
             );
-        let producer = p.create_with_context(DeliveryContext { events })?;
+        let producer = p.create_with_context(DeliveryContext {
+            events,
+            refusal,
+            security: Security::of(cfg),
+        })?;
         let mut fetch = connection_properties(cfg);
         fetch
             .set("group.id", format!("{}.chbridge-refetch", cfg.group_id))

@@ -54,7 +54,11 @@ impl Group {
 
 /// Describes `group`. Members whose assignment bytes do not parse (another
 /// protocol, a broker that sends none) are listed without partitions.
-pub fn describe(consumer: &BaseConsumer, group: &str, timeout: Duration) -> Result<Group, String> {
+pub fn describe<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    group: &str,
+    timeout: Duration,
+) -> Result<Group, String> {
     let list = consumer
         .fetch_group_list(Some(group), timeout)
         .map_err(|e| format!("cannot describe group {group}: {e}"))?;

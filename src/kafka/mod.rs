@@ -5,6 +5,7 @@ pub mod control;
 pub mod dead_letter;
 pub mod group;
 pub mod offsets;
+pub mod refusal;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -148,10 +149,16 @@ pub fn partition_counts(
     cfg: &KafkaConfig,
     topics: &[String],
 ) -> Result<std::collections::HashMap<String, usize>, String> {
+    let consumer = refusal::watched(&client_config(cfg), cfg)?;
+    refusal::explain(&consumer, counts(&consumer, cfg, topics))
+}
+
+fn counts(
+    consumer: &refusal::WatchedConsumer,
+    cfg: &KafkaConfig,
+    topics: &[String],
+) -> Result<std::collections::HashMap<String, usize>, String> {
     use rdkafka::consumer::Consumer as _;
-    let consumer: rdkafka::consumer::BaseConsumer = client_config(cfg)
-        .create()
-        .map_err(|e| describe_client_error(&e))?;
     let mut out = std::collections::HashMap::new();
     for t in topics {
         let meta = consumer

@@ -2923,7 +2923,7 @@ mod tests {
             auto_offset_reset: crate::config::OffsetReset::Earliest,
             properties: Default::default(),
         };
-        Arc::new(DeadLetters::new(&cfg, events, 1 << 20).unwrap())
+        Arc::new(DeadLetters::new(&cfg, events, 1 << 20, Default::default()).unwrap())
     }
 
     /// Item 2: exactly-once, a batch whose range covers (or follows) a record

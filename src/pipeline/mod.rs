@@ -203,16 +203,18 @@ pub async fn run(
     health.set_clickhouse_ok(true);
 
     let (events_tx, events_rx) = std_mpsc::channel();
+    let refusal = crate::kafka::refusal::Refusal::default();
     let dead_letters = if config.uses_dead_letters() {
         // Dead letters not yet acknowledged count in their table's budget;
         // the producer's own queue is bounded as well.
         let queue = (config.max_buffered_bytes.as_u64() / 4).max(1 << 20);
-        let dl = DeadLetters::new(&config.kafka, events_tx.clone(), queue).map_err(|e| {
-            PipelineError::Config(format!(
-                "cannot create the dead-letter producer: {}",
-                crate::kafka::describe_client_error(&e)
-            ))
-        })?;
+        let dl = DeadLetters::new(&config.kafka, events_tx.clone(), queue, refusal.clone())
+            .map_err(|e| {
+                PipelineError::Config(format!(
+                    "cannot create the dead-letter producer: {}",
+                    crate::kafka::describe_client_error(&e)
+                ))
+            })?;
         Some(Arc::new(dl))
     } else {
         None
@@ -336,6 +338,8 @@ pub async fn run(
             metrics.clone(),
             health.clone(),
             events_tx,
+            refusal,
+            crate::kafka::refusal::Security::of(&config.kafka),
         ))
         .map_err(|e| {
             PipelineError::Config(format!(
@@ -534,6 +538,13 @@ fn consumer_loop(
         }
         if due {
             health.turn();
+            if let Some(refused) = ctx.refused() {
+                // Nothing can be read or committed; what is in flight is
+                // read again after the fix (at-least-once and exactly-once alike).
+                let e = PipelineError::Config(refused.to_string());
+                ctx.core().abandon();
+                return Err(e);
+            }
             let mut core = ctx.core();
             if core.fatal().is_some() {
                 break;

@@ -282,6 +282,10 @@ pub struct BridgeConfig {
     /// The `[clickhouse]` keys that reach the server (url, TLS), instead of
     /// those worked out from the ports.
     pub ch_keys: Option<String>,
+    /// Another listener of the broker (security tests), instead of `brokers()`.
+    pub brokers: Option<String>,
+    /// More `[kafka.properties]` lines (security settings).
+    pub kafka_properties: String,
     pub http_port: u16,
 }
 
@@ -334,6 +338,8 @@ impl BridgeConfig {
             ch_port: ch_port(),
             ch_https_port: ch_https_port(),
             ch_keys: None,
+            brokers: None,
+            kafka_properties: String::new(),
             http_port: free_port(),
         }
     }
@@ -349,6 +355,7 @@ group_id = "{group}"
 [kafka.properties]
 "session.timeout.ms" = "2000"
 "heartbeat.interval.ms" = "600"
+{kafka_properties}
 
 [clickhouse]
 {clickhouse}
@@ -373,7 +380,8 @@ level = "info,librdkafka=warn"
 "#,
             extra_top = self.extra,
             batch_extra = self.batch_extra,
-            brokers = brokers(),
+            brokers = self.brokers.clone().unwrap_or_else(brokers),
+            kafka_properties = self.kafka_properties,
             group = self.group,
             clickhouse = self.clickhouse(),
             db = self.database,

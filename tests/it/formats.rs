@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const ROWS: u64 = 200;
+pub const ROWS: u64 = 200;
 
-const COLUMNS: &str = "id UInt64, name String, price Decimal(18, 4), ts DateTime64(3, 'UTC'), \
+pub const COLUMNS: &str = "id UInt64, name String, price Decimal(18, 4), ts DateTime64(3, 'UTC'), \
     ts_us DateTime64(6, 'UTC'), day Date32, uid UUID, tags Array(String), \
     attrs Map(String, Int32), score Nullable(Float64), ok Bool, \
     kind Enum8('a' = 1, 'b' = 2), inner_city String, inner_zip Int32";
@@ -21,13 +21,13 @@ const COLUMNS: &str = "id UInt64, name String, price Decimal(18, 4), ts DateTime
 const COMPARED: &str = "id, name, price, ts, ts_us, day, uid, tags, mapSort(attrs), score, ok, \
     kind, inner_city, inner_zip";
 
-struct Registry {
+pub struct Registry {
     child: Child,
-    url: String,
+    pub url: String,
 }
 
 impl Registry {
-    fn start(dir: &Path, tls: bool) -> Registry {
+    pub fn start(dir: &Path, tls: bool) -> Registry {
         let python = repo().join(".venv/bin/python");
         let script = repo().join("scripts/schema_registry.py");
         let ready = dir.join("registry.url");
@@ -72,7 +72,7 @@ impl Drop for Registry {
 }
 
 /// Produces `ROWS` records of `format`; returns the expected rows file.
-fn produce(
+pub fn produce(
     dir: &Path,
     topic: &str,
     format: &str,

@@ -14,6 +14,7 @@ mod end_to_end;
 mod exactly_once;
 mod formats;
 mod https;
+mod kafka_security;
 mod prometheus;
 mod reload;
 mod restarts;
