@@ -24,6 +24,10 @@ pub trait ConsumerControl {
     fn seek(&self, topic: &str, partition: i32, offset: i64) -> Result<(), String>;
     /// The partitions currently assigned to this member.
     fn assignment(&self) -> Result<Vec<TopicPartition>, String>;
+    /// Per assigned partition, the offset after the last one the consumer
+    /// returned or passed: librdkafka moves it past transaction markers and
+    /// aborted records, which are never returned.
+    fn positions(&self) -> Result<Vec<(String, i32, i64)>, String>;
 }
 
 fn list(partitions: &[TopicPartition]) -> TopicPartitionList {
@@ -74,6 +78,18 @@ impl<C: ConsumerContext> ConsumerControl for BaseConsumer<C> {
         .map_err(|e| e.to_string())
     }
 
+    fn positions(&self) -> Result<Vec<(String, i32, i64)>, String> {
+        let tpl = rdkafka::consumer::Consumer::position(self).map_err(|e| e.to_string())?;
+        Ok(tpl
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
+                _ => None,
+            })
+            .collect())
+    }
+
     fn assignment(&self) -> Result<Vec<TopicPartition>, String> {
         let tpl = rdkafka::consumer::Consumer::assignment(self).map_err(|e| e.to_string())?;
         Ok(tpl
@@ -107,6 +123,8 @@ pub mod fake {
         /// The next this many commit requests fail at once.
         pub fail_commits: RefCell<usize>,
         pub seeks: RefCell<Vec<(String, i32, i64)>>,
+        /// What `positions` answers (librdkafka's view of where reading got).
+        pub positions: RefCell<Vec<(String, i32, i64)>>,
     }
 
     impl FakeConsumer {
@@ -168,6 +186,10 @@ pub mod fake {
 
         fn assignment(&self) -> Result<Vec<TopicPartition>, String> {
             Ok(self.assigned.borrow().iter().cloned().collect())
+        }
+
+        fn positions(&self) -> Result<Vec<(String, i32, i64)>, String> {
+            Ok(self.positions.borrow().clone())
         }
     }
 }

@@ -3,10 +3,13 @@
 //! THE COMMIT RULE (see ARCHITECTURE.md): a partition's commit position is the
 //! lowest offset that is still held by a batch not yet acknowledged by
 //! ClickHouse, or, when no batch holds any of its records, one past the last
-//! record read. Every record below the position has therefore been inserted
-//! into every table it was routed to, or skipped by policy. Nothing else moves
-//! the position: only [`OffsetTracker::release`] (an acknowledgement) and
-//! [`OffsetTracker::consumed`] (a record read and placed or skipped).
+//! record read (or, then, the consumer's position past offsets that hold no
+//! record: transaction markers, aborted records). Every record below the
+//! position has therefore been inserted into every table it was routed to, or
+//! skipped by policy. Nothing else moves the position: only
+//! [`OffsetTracker::release`] (an acknowledgement), [`OffsetTracker::consumed`]
+//! (a record read and placed or skipped) and [`OffsetTracker::passed`] (offsets
+//! without records, with nothing held).
 
 use std::collections::BTreeMap;
 
@@ -179,6 +182,20 @@ impl OffsetTracker {
         }
     }
 
+    /// The consumer's position of `key` is `offset`: the offsets below it it
+    /// did not return hold no record (transaction markers, aborted records
+    /// under read_committed). With no batch holding the partition, they are
+    /// passed, so that the commit reaches the partition's end instead of
+    /// leaving a lag of one marker for good. A partition that is not tracked
+    /// (revoked) is left alone.
+    pub fn passed(&mut self, key: PartitionKey, offset: i64) {
+        if let Some(p) = self.parts.get_mut(&key) {
+            if p.pending.is_empty() && p.next.is_none_or(|n| offset > n) {
+                p.next = Some(offset);
+            }
+        }
+    }
+
     /// The offset that may be committed for `key` now, if any record was read.
     pub fn position(&self, key: PartitionKey) -> Option<i64> {
         self.parts.get(&key).and_then(PartitionState::position)
@@ -257,6 +274,32 @@ mod tests {
         let mut t = OffsetTracker::default();
         t.consumed(P0, 5);
         assert_eq!(t.position(P0), Some(6));
+    }
+
+    #[test]
+    fn offsets_without_records_are_passed_only_when_nothing_is_held() {
+        let key = PartitionKey {
+            topic: 0,
+            partition: 0,
+        };
+        let mut t = OffsetTracker::default();
+        t.assign(key);
+        let g = t.consumed(key, 9);
+        // A batch holds 5..: the marker at 10 must not move the position.
+        let seg = t.hold(key, g, 5);
+        t.passed(key, 11);
+        assert_eq!(t.position(key), Some(5));
+        t.release(&seg);
+        assert_eq!(t.position(key), Some(10));
+        t.passed(key, 11);
+        assert_eq!(t.position(key), Some(11));
+        // A position behind what was read (a seek back) changes nothing.
+        t.passed(key, 3);
+        assert_eq!(t.position(key), Some(11));
+        // A revoked partition is not tracked again.
+        t.revoke(key);
+        t.passed(key, 20);
+        assert_eq!(t.position(key), None);
     }
 
     #[test]

@@ -2064,6 +2064,9 @@ impl Core {
         only: Option<&[PartitionKey]>,
     ) {
         self.last_commit = Instant::now();
+        if only.is_none() {
+            self.pass_offsets_without_records(consumer);
+        }
         let positions = self.tracker.take_commits(only);
         if positions.is_empty() {
             return;
@@ -2084,6 +2087,24 @@ impl Core {
                 tracing::warn!(error = %e, "offset commit failed; the next commit will repeat it");
                 for (key, _) in positions {
                     self.tracker.forget_committed(key);
+                }
+            }
+        }
+    }
+
+    /// Transaction markers (and aborted records, under read_committed) take
+    /// offsets the consumer never returns: the last one of an idle partition
+    /// would stay uncommitted, a false lag of one for good. The consumer's
+    /// own position says how far it passed them. A stopped topic's position
+    /// is not taken: its last record was returned but not consumed.
+    fn pass_offsets_without_records(&mut self, consumer: &dyn ConsumerControl) {
+        let Ok(positions) = consumer.positions() else {
+            return;
+        };
+        for (topic, partition, offset) in positions {
+            if let Some(key) = self.key(&topic, partition) {
+                if !self.stopped_topics.contains(&key.topic) {
+                    self.tracker.passed(key, offset);
                 }
             }
         }

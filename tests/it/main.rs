@@ -19,4 +19,5 @@ mod prometheus;
 mod reload;
 mod restarts;
 mod status;
+mod transactions;
 mod types_roundtrip;
