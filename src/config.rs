@@ -117,6 +117,11 @@ pub struct KafkaConfig {
     /// Where a group with no committed offset starts: "earliest" (default) or "latest".
     #[serde(default = "default_offset_reset")]
     pub auto_offset_reset: OffsetReset,
+    /// The consumer group protocol: "classic" (default; the client assigns,
+    /// cooperative-sticky) or "consumer" (KIP-848: the broker assigns and
+    /// owns the session timeout; Apache Kafka 4.0+).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
     /// librdkafka properties passed through as they are (e.g.
     /// `"security.protocol" = "SASL_SSL", "sasl.mechanism" = "SCRAM-SHA-512"`). Properties that the delivery
     /// guarantee depends on are refused. `sasl.password` can come from
@@ -169,6 +174,32 @@ pub enum OffsetReset {
     Earliest,
     Latest,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    #[default]
+    Classic,
+    Consumer,
+}
+
+/// Properties of the classic protocol that the broker owns under KIP-848
+/// (librdkafka refuses them with `group.protocol = consumer`).
+pub const CLASSIC_ONLY_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "session.timeout.ms",
+        "the broker's group.consumer.session.timeout.ms",
+    ),
+    (
+        "heartbeat.interval.ms",
+        "the broker's group.consumer.heartbeat.interval.ms",
+    ),
+    (
+        "partition.assignment.strategy",
+        "the broker's assignor (group.remote.assignor to pick one)",
+    ),
+    ("group.protocol.type", "the protocol itself"),
+];
 
 impl OffsetReset {
     pub fn as_str(self) -> &'static str {
@@ -582,6 +613,7 @@ pub const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "set `kafka.brokers` instead"),
     ("group.instance.id", "set `kafka.instance_id` instead"),
     ("auto.offset.reset", "set `kafka.auto_offset_reset` instead"),
+    ("group.protocol", "set `kafka.group_protocol` instead"),
     ("enable.partition.eof", "chbridge relies on it being off"),
 ];
 
@@ -673,6 +705,17 @@ impl Config {
                     format!("kafka.properties.\"{key}\""),
                     format!("is managed by chbridge: {why}; remove it"),
                 ));
+            }
+            if self.kafka.group_protocol == GroupProtocol::Consumer {
+                if let Some((_, owner)) = CLASSIC_ONLY_PROPERTIES.iter().find(|(k, _)| k == key) {
+                    return Err(invalid(
+                        format!("kafka.properties.\"{key}\""),
+                        format!(
+                            "belongs to the classic group protocol; with group_protocol = \
+                             \"consumer\" it is {owner}: remove it"
+                        ),
+                    ));
+                }
             }
         }
         if !(self.clickhouse.url.starts_with("http://")
@@ -1085,6 +1128,30 @@ table = "analytics.events"
 
     /// `https://` was refused ("not built into this binary yet"): ClickHouse
     /// Cloud users could not run chbridge at all.
+    #[test]
+    fn the_consumer_group_protocol_refuses_the_classic_timeouts() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.kafka
+            .properties
+            .0
+            .insert("session.timeout.ms".into(), "6000".into());
+        c.validate().unwrap();
+        c.kafka.group_protocol = GroupProtocol::Consumer;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("session.timeout.ms") && e.contains("group.consumer.session.timeout.ms"),
+            "{e}"
+        );
+        c.kafka.properties.0.clear();
+        c.validate().unwrap();
+        let parsed = Config::parse(&MINIMAL.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\ngroup_protocol = \"consumer\"",
+        ))
+        .unwrap();
+        assert_eq!(parsed.kafka.group_protocol, GroupProtocol::Consumer);
+    }
+
     #[test]
     fn https_urls_take_tls_files_and_http_urls_refuse_them() {
         let mut c = Config::parse(MINIMAL).unwrap();

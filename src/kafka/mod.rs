@@ -11,7 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message, OwnedMessage};
 
-use crate::config::{KafkaConfig, Properties};
+use crate::config::{GroupProtocol, KafkaConfig, Properties};
 
 /// One record as read from Kafka, borrowed from its message: what the
 /// pipeline places into batches and what a dead letter carries.
@@ -118,11 +118,16 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     // Defaults a user may override. The client id names the member in the
     // group's description (`chbridge status`, broker tools).
-    c.set("client.id", client_id(cfg))
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        // librdkafka >= 2.4 idles ~1 s whenever its prefetch queue fills with
-        // the default of 1000 ms; 10 ms keeps the pipeline fed.
-        .set("fetch.queue.backoff.ms", "10")
+    c.set("client.id", client_id(cfg));
+    if cfg.group_protocol == GroupProtocol::Classic {
+        // Incremental: a rebalance moves only the partitions that change
+        // owner; the others keep being read. (KIP-848 is incremental always,
+        // and there the broker assigns.)
+        c.set("partition.assignment.strategy", "cooperative-sticky");
+    }
+    // librdkafka >= 2.4 idles ~1 s whenever its prefetch queue fills with
+    // the default of 1000 ms; 10 ms keeps the pipeline fed.
+    c.set("fetch.queue.backoff.ms", "10")
         // Bound librdkafka's own prefetch memory (default 64 MiB).
         .set("queued.max.messages.kbytes", "32768")
         // Lag and committed-offset metrics come from librdkafka's statistics.
@@ -131,6 +136,9 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set(k, v);
     }
     // Forced: offsets move only when the pipeline says so.
+    if cfg.group_protocol == GroupProtocol::Consumer {
+        c.set("group.protocol", "consumer");
+    }
     c.set("bootstrap.servers", &cfg.brokers)
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
@@ -223,6 +231,7 @@ mod tests {
             group_id: "g".into(),
             instance_id: Some("pod-1".into()),
             auto_offset_reset: OffsetReset::Earliest,
+            group_protocol: Default::default(),
             properties: Properties(props),
         };
         let c = client_config(&cfg);
@@ -237,6 +246,23 @@ mod tests {
     }
 
     #[test]
+    fn the_consumer_protocol_leaves_assignment_to_the_broker() {
+        let cfg = KafkaConfig {
+            brokers: "b:9092".into(),
+            group_id: "g".into(),
+            instance_id: None,
+            auto_offset_reset: OffsetReset::Earliest,
+            group_protocol: GroupProtocol::Consumer,
+            properties: Properties::default(),
+        };
+        let c = client_config(&cfg);
+        assert_eq!(c.get("group.protocol"), Some("consumer"));
+        assert_eq!(c.get("partition.assignment.strategy"), None);
+        // librdkafka takes the result as it is.
+        assert!(c.create::<rdkafka::consumer::BaseConsumer>().is_ok());
+    }
+
+    #[test]
     fn client_errors_never_show_secret_values() {
         let mut props = std::collections::BTreeMap::new();
         props.insert(
@@ -248,6 +274,7 @@ mod tests {
             group_id: "g".into(),
             instance_id: None,
             auto_offset_reset: OffsetReset::Earliest,
+            group_protocol: Default::default(),
             properties: Properties(props),
         };
         let err = client_config(&cfg)

@@ -173,6 +173,7 @@ mod tests {
             group_id: "g".into(),
             instance_id: None,
             auto_offset_reset: OffsetReset::Earliest,
+            group_protocol: Default::default(),
             properties: Properties(
                 props
                     .iter()

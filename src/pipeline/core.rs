@@ -2942,6 +2942,7 @@ mod tests {
             group_id: "g".into(),
             instance_id: None,
             auto_offset_reset: crate::config::OffsetReset::Earliest,
+            group_protocol: Default::default(),
             properties: Default::default(),
         };
         Arc::new(DeadLetters::new(&cfg, events, 1 << 20, Default::default()).unwrap())

@@ -286,6 +286,9 @@ pub struct BridgeConfig {
     pub brokers: Option<String>,
     /// More `[kafka.properties]` lines (security settings).
     pub kafka_properties: String,
+    /// `kafka.group_protocol` ("consumer": KIP-848, whose timeouts are the
+    /// broker's); None: the default (classic) with short test timeouts.
+    pub group_protocol: Option<String>,
     pub http_port: u16,
 }
 
@@ -340,6 +343,7 @@ impl BridgeConfig {
             ch_keys: None,
             brokers: None,
             kafka_properties: String::new(),
+            group_protocol: None,
             http_port: free_port(),
         }
     }
@@ -352,9 +356,9 @@ shutdown_timeout = "20s"
 [kafka]
 brokers = "{brokers}"
 group_id = "{group}"
+{group_protocol}
 [kafka.properties]
-"session.timeout.ms" = "2000"
-"heartbeat.interval.ms" = "600"
+{timeouts}
 {kafka_properties}
 
 [clickhouse]
@@ -382,6 +386,15 @@ level = "info,librdkafka=warn"
             batch_extra = self.batch_extra,
             brokers = self.brokers.clone().unwrap_or_else(brokers),
             kafka_properties = self.kafka_properties,
+            group_protocol = self
+                .group_protocol
+                .as_ref()
+                .map(|p| format!("group_protocol = \"{p}\""))
+                .unwrap_or_default(),
+            timeouts = match self.group_protocol.as_deref() {
+                Some("consumer") => "",
+                _ => "\"session.timeout.ms\" = \"2000\"\n\"heartbeat.interval.ms\" = \"600\"",
+            },
             group = self.group,
             clickhouse = self.clickhouse(),
             db = self.database,

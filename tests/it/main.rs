@@ -13,6 +13,7 @@ mod drift;
 mod end_to_end;
 mod exactly_once;
 mod formats;
+mod group_protocols;
 mod https;
 mod kafka_security;
 mod prometheus;
